@@ -1,0 +1,1 @@
+"""The inference server (batching engine, HTTP, gRPC, metrics): see issue 5."""

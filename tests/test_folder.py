@@ -1,0 +1,222 @@
+"""Model folders: diffusers-layout folders load into ours and agree with diffusers; save/load round trips; bad folders fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.folder import ModelFolderError, load_model, random_model, read_config, save_model
+from model.tokenizer import load_tokenizer
+
+TOL = 1e-4
+PROMPTS = ["a red circle above a blue square", "Green triangle", ""]
+
+
+def _tokens(c, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, c.num_embed, (b, c.num_tokens), generator=g)  # (B, N)
+
+
+@pytest.fixture(scope="module")
+def ours(diffusers_folder):
+    return load_model(diffusers_folder)
+
+
+def test_reads_the_config_diffusers_wrote(diffusers_folder, tiny_config):
+    cfg = read_config(diffusers_folder)
+    assert cfg.transformer == tiny_config.transformer
+    assert cfg.vqvae == tiny_config.vqvae
+    assert cfg.text_encoder == tiny_config.text_encoder
+    assert cfg.diffusion == tiny_config.diffusion
+    assert cfg.learnable_null
+
+
+def test_transformer_log_probs_match_diffusers(ours, diffusers_pipeline, tiny_config):
+    c = tiny_config.transformer
+    x_t = _tokens(c, 2)
+    x_t[:, ::3] = c.mask_id
+    text = ours.encode_text(PROMPTS[:2])
+    for t in (0, 42, 99):
+        want = diffusers_pipeline.transformer(x_t, encoder_hidden_states=text, timestep=torch.tensor(t)).sample
+        got = ours.transformer.log_probs(x_t, torch.full((2,), t), text).transpose(1, 2)  # (B, K, N)
+        assert (want - got).abs().max() <= TOL
+
+
+def test_vqvae_decode_matches_diffusers(ours, diffusers_pipeline, tiny_config):
+    c = tiny_config.transformer
+    tokens = _tokens(c, 3)
+    vq = diffusers_pipeline.vqvae
+    with torch.no_grad():
+        latents = vq.quantize.get_codebook_entry(tokens, (3, c.height, c.width, vq.config.vq_embed_dim))
+        want = (vq.decode(latents, force_not_quantize=True).sample / 2 + 0.5).clamp(0, 1)
+    got = ours.decode(tokens)
+    assert got.shape == want.shape == (3, 3, 16, 16)
+    assert (want - got).abs().max() <= TOL
+
+
+def test_text_and_null_embeddings_match_diffusers(ours, diffusers_pipeline):
+    with torch.no_grad():
+        # diffusers returns [null; text] for classifier-free guidance with the learned null
+        both = diffusers_pipeline._encode_prompt(PROMPTS, 1, True)
+    n = len(PROMPTS)
+    assert (both[n:] - ours.encode_text(PROMPTS)).abs().max() <= TOL
+    assert (both[:n] - ours.null_text(n)).abs().max() <= TOL
+    assert ours.null_text(n).abs().sum() > 0  # the fixture's null is not all zeros
+
+
+def test_overlong_prompt_keeps_end_of_text(ours):
+    te = ours.text_encoder
+    ids = te.tokenize(["red " * 200, "A RED circle"])
+    assert ids.shape == (2, 77)
+    assert ids[0, -1] == te.tokenizer.eos_token_id  # diffusers would cut it off
+    assert torch.equal(ids[1], te.tokenize(["a red circle"])[0])  # lowercased
+    emb = te(ids)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2, 77), atol=1e-5)
+
+
+def test_tokenizer_reads_vocab_and_merges(diffusers_folder, tmp_path):
+    """ITHQ ships vocab.json + merges.txt rather than tokenizer.json: both read the same."""
+    full = load_tokenizer(diffusers_folder / "tokenizer")
+    d = tmp_path / "tok"
+    d.mkdir()
+    vocab = json.loads((diffusers_folder / "tokenizer" / "tokenizer.json").read_text())["model"]
+    (d / "vocab.json").write_text(json.dumps(vocab["vocab"]))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in vocab["merges"]))
+    legacy = load_tokenizer(d)
+    for p in PROMPTS + ["triangle left of the square!"]:
+        assert full(p)["input_ids"] == legacy(p)["input_ids"]
+
+
+def test_round_trip_identical_outputs(tokenizer, tiny_config, tmp_path):
+    model = random_model(tiny_config, tokenizer, seed=1).eval()
+    with torch.no_grad():
+        model.null_cond.embeddings.normal_()
+    folder = save_model(model, tmp_path / "m")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+    again = load_model(folder)
+    c = tiny_config.transformer
+    x_t, t = _tokens(c, 2), torch.tensor([3, 80])
+    with torch.no_grad():
+        text = model.encode_text(PROMPTS[:2])
+        assert torch.equal(text, again.encode_text(PROMPTS[:2]))
+        assert torch.equal(model.null_text(2), again.null_text(2))
+        assert torch.equal(model.transformer(x_t, t, text), again.transformer(x_t, t, text))
+        assert torch.equal(model.decode(x_t), again.decode(x_t))
+    with pytest.raises(FileExistsError):
+        save_model(model, folder)
+
+
+def test_diffusers_reads_our_folder(tokenizer, tiny_config, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import CLIPTextModel
+
+    model = random_model(tiny_config, tokenizer, seed=2).eval()
+    folder = save_model(model, tmp_path / "m")
+    tr = diffusers.Transformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    vq = diffusers.VQModel.from_pretrained(folder, subfolder="vqvae").eval()
+    clip = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    c = tiny_config.transformer
+    x_t = _tokens(c, 2)
+    with torch.no_grad():
+        text = model.encode_text(PROMPTS[:2])
+        want = model.transformer.log_probs(x_t, torch.full((2,), 9), text).transpose(1, 2)
+        assert (tr(x_t, encoder_hidden_states=text, timestep=torch.tensor(9)).sample - want).abs().max() <= TOL
+        ids = model.text_encoder.tokenize(PROMPTS[:2])
+        assert (clip(ids).last_hidden_state - model.text_encoder.clip(ids).last_hidden_state).abs().max() <= TOL
+        assert torch.equal(vq.quantize.embedding.weight, model.vqvae.codebook)
+
+
+def test_bin_weights_load_through_weights_only(diffusers_folder, tmp_path, ours, tiny_config):
+    folder = shutil.copytree(diffusers_folder, tmp_path / "bin")
+    st = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), folder / "transformer" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    loaded = load_model(folder)
+    x_t = _tokens(tiny_config.transformer, 1)
+    t, text = torch.tensor([5]), ours.encode_text(["a"])
+    with torch.no_grad():
+        assert torch.equal(loaded.transformer(x_t, t, text), ours.transformer(x_t, t, text))
+    # a pickle that is more than tensors is refused
+    torch.save({"w": torch.zeros(1), "evil": object()}, folder / "transformer" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelFolderError, match=r"diffusion_pytorch_model\.bin.*tensor-only"):
+        load_model(folder)
+
+
+def test_sharded_weights_load(diffusers_folder, tmp_path, ours, tiny_config):
+    folder = shutil.copytree(diffusers_folder, tmp_path / "sharded")
+    vq = folder / "vqvae"
+    state = load_file(vq / "diffusion_pytorch_model.safetensors")
+    keys = sorted(state)
+    shards = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2 :]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, vq / name)
+    weight_map = {k: name for name, ks in shards.items() for k in ks}
+    (vq / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (vq / "diffusion_pytorch_model.safetensors").unlink()
+    tokens = _tokens(tiny_config.transformer, 1)
+    assert torch.equal(load_model(folder).decode(tokens), ours.decode(tokens))
+
+
+def _broken(diffusers_folder, tmp_path) -> Path:
+    return shutil.copytree(diffusers_folder, tmp_path / "broken")
+
+
+def test_missing_weights_file_is_named(diffusers_folder, tmp_path):
+    folder = _broken(diffusers_folder, tmp_path)
+    (folder / "vqvae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"vqvae: no weights found.*diffusion_pytorch_model\.safetensors"):
+        load_model(folder)
+
+
+def test_missing_config_and_folder_are_named(diffusers_folder, tmp_path):
+    with pytest.raises(ModelFolderError, match="model folder not found"):
+        load_model(tmp_path / "nope")
+    folder = _broken(diffusers_folder, tmp_path)
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ModelFolderError, match=r"scheduler_config\.json: file not found"):
+        load_model(folder)
+
+
+def test_wrong_shape_names_file_key_expected_found(diffusers_folder, tmp_path):
+    folder = _broken(diffusers_folder, tmp_path)
+    f = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    state["out.weight"] = torch.zeros(5, 16)
+    save_file(state, f)
+    with pytest.raises(ModelFolderError) as e:
+        load_model(folder)
+    msg = str(e.value)
+    assert "transformer/diffusion_pytorch_model.safetensors" in msg and "'out.weight'" in msg
+    assert "expected shape (37, 16), found (5, 16)" in msg
+
+
+def test_unknown_and_missing_keys_are_named(diffusers_folder, tmp_path):
+    folder = _broken(diffusers_folder, tmp_path)
+    f = folder / "learned_classifier_free_sampling_embeddings" / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    state["surprise"] = torch.zeros(2)
+    save_file(state, f)
+    with pytest.raises(ModelFolderError, match=r"'surprise': unexpected"):
+        load_model(folder)
+    save_file({"surprise": torch.zeros(2)}, f)
+    with pytest.raises(ModelFolderError, match=r"'embeddings': expected shape \(77, 32\), found nothing"):
+        load_model(folder)
+
+
+def test_unsupported_config_value_is_named(diffusers_folder, tmp_path):
+    folder = _broken(diffusers_folder, tmp_path)
+    p = folder / "transformer" / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["activation_fn"] = "gelu"
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=r"transformer/config\.json: key 'activation_fn' is 'gelu'"):
+        read_config(folder)
+    cfg["activation_fn"], cfg["num_vector_embeds"] = "geglu-approximate", 99
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match="transformer.num_embed = 98 but vqvae.num_vq_embeddings = 37"):
+        read_config(folder)
