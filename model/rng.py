@@ -1,0 +1,62 @@
+"""Counter-based randomness: every random number a request sees is a pure function of
+(seed, step, stream, position, class).
+
+No generator state is kept anywhere, so a request's noise never depends on its place in a batch or
+on its neighbours, and a Triton kernel can compute the very same bits (issue 6). The hash is
+"lowbias32" (two multiply-xorshift rounds on 32-bit words), chained over the counters; it is done in
+int64 tensor ops masked to 32 bits, which wrap exactly as uint32 arithmetic does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+M32 = 0xFFFFFFFF
+SEED_MAX = 2**63 - 1
+
+# Streams: independent random numbers for the different draws of one step.
+SELECT = 0  # which masked positions to unmask (purity / random samplers)
+TOKEN = 1  # which token to draw at a position
+POSTERIOR = 2  # the posterior draw of the original samplers
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash; x holds values in [0, 2^32) as int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: Tensor, step: Tensor, stream: int, num_positions: int, num_classes: int | None = None) -> Tensor:
+    """Uniforms in (0, 1), exactly representable in fp32 (24 bits).
+
+    seed, step: (B,) int64. Returns (B, N) if ``num_classes`` is None, else (B, N, C); the number at
+    (b, n, c) depends only on (seed[b], step[b], stream, n, c).
+    """
+    dev = seed.device
+    c = 1 if num_classes is None else num_classes
+    index = torch.arange(num_positions * c, device=dev, dtype=torch.int64).view(1, num_positions, c)  # (1, N, C)
+    h = mix32(index)
+    h = mix32(h ^ mix32((step.view(-1, 1, 1) * 4 + stream) & M32))  # (B, N, C)
+    h = mix32(h ^ mix32(seed.view(-1, 1, 1) & M32))
+    h = mix32(h ^ mix32(((seed.view(-1, 1, 1) >> 32) & M32) ^ 0x9E3779B9))
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # (B, N, C) in (0, 1)
+    return u.squeeze(-1) if num_classes is None else u
+
+
+def gumbel(u: Tensor) -> Tensor:
+    """Standard Gumbel noise from uniforms in (0, 1)."""
+    return -torch.log(-torch.log(u))
+
+
+def random_seed() -> int:
+    """A fresh seed for a request that gave none (from the OS, not from torch's global state)."""
+    import secrets
+
+    return secrets.randbelow(2**53)  # exact in a JSON number
+
+
+__all__ = ["uniform", "gumbel", "mix32", "random_seed", "SELECT", "TOKEN", "POSTERIOR", "SEED_MAX"]

@@ -1,0 +1,179 @@
+"""Sampling: a request's plan, its state, one batched step over many requests, and ``sample()``.
+
+``advance`` is the unit the server's batching engine calls: ONE transformer forward over the cond
+and uncond rows of every request given (each at its own step, with its own timestep and
+parameters), then ``denoise_step``. ``sample`` is the offline loop around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from model.diffusion import Schedule
+from model.params import POSTERIOR_SAMPLERS, GenerationParams
+from model.rng import random_seed
+from model.step import POSTERIOR, PURITY, RANDOM, BatchParams, StepOutput, denoise_step
+
+KIND = {"purity": PURITY, "random": RANDOM, "posterior": POSTERIOR, "skip": POSTERIOR}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each forward of a request does. For every step i: ``timesteps[i]`` is fed to the network;
+    selection samplers unmask ``counts[i]`` tokens; posterior samplers evaluate the posterior at
+    ``t_eval[i]`` (i.e. jump to x at t_eval[i] - 1; 0 means draw x0)."""
+
+    timesteps: tuple[int, ...]
+    counts: tuple[int, ...]
+    t_eval: tuple[int, ...]
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+
+def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule) -> Plan:
+    """The schedule of one request.
+
+    purity / random (Sec. 3.2): Δz ≈ N / steps tokens per forward, spread evenly; the timestep is the
+    one whose mask probability is nearest the current masked fraction (argmin |fraction - ctt[t]|).
+    posterior: t = T-1, ..., 0. skip: ``steps`` timesteps evenly spaced from T-1 down to 0; each forward
+    evaluates the posterior one step above the next visited timestep (the released fast sampler).
+    """
+    T = schedule.num_timesteps
+    if sampler in POSTERIOR_SAMPLERS:
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps: {steps} is not allowed for sampler {sampler!r}; expected 1..{T}")
+        if steps == 1:
+            ts = [T - 1]
+        else:
+            ts = sorted({round((T - 1) * (steps - 1 - i) / (steps - 1)) for i in range(steps)}, reverse=True)
+        t_eval = [nxt + 1 for nxt in ts[1:]] + [0]
+        return Plan(timesteps=tuple(ts), counts=(0,) * len(ts), t_eval=tuple(t_eval))
+
+    if not 1 <= steps <= num_tokens:
+        raise ValueError(f"steps: {steps} is not allowed for sampler {sampler!r}; expected 1..{num_tokens}")
+    counts = [(i + 1) * num_tokens // steps - i * num_tokens // steps for i in range(steps)]
+    ctt = schedule.mask_prob().cpu().tolist()  # (T,) cumulative mask probability
+    remaining, ts = num_tokens, []
+    for c in counts:
+        fraction = remaining / num_tokens
+        ts.append(min(range(T), key=lambda t: abs(fraction - ctt[t])))
+        remaining -= c
+    return Plan(timesteps=tuple(ts), counts=tuple(counts), t_eval=(0,) * steps)
+
+
+@dataclass
+class RequestState:
+    """One request in flight: resolved params, plan, tokens, cached text keys/values, progress."""
+
+    params: GenerationParams  # resolved (seed and uncond filled in)
+    plan: Plan
+    tokens: Tensor  # (N,) long; MASK_ID where still masked
+    text_kv: Tensor  # (layers, 2, 2, H, L, Dh): cond and uncond rows of this request
+    step: int = 0
+    purity: Tensor | None = field(default=None, repr=False)  # (N,) after the last step
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.plan.steps
+
+    def row(self) -> dict:
+        p, i = self.params, self.step
+        return {
+            "guidance_scale": p.guidance_scale, "truncation_rate": p.truncation_rate,
+            "purity_weight": p.purity_weight if p.sampler == "purity" else 0.0, "kind": KIND[p.sampler],
+            "seed": p.seed, "step": i, "count": self.plan.counts[i], "t_eval": self.plan.t_eval[i],
+        }
+
+
+@torch.no_grad()
+def advance(transformer, schedule: Schedule, states: list[RequestState]) -> StepOutput:
+    """One step for every request in ``states`` (none may be done): one forward of 2B rows."""
+    if not states or any(s.done for s in states):
+        raise ValueError("advance needs a non-empty list of unfinished requests")
+    device = states[0].tokens.device
+    b = len(states)
+    x = torch.stack([s.tokens for s in states])  # (B, N)
+    t = torch.tensor([s.plan.timesteps[s.step] for s in states], device=device)  # (B,)
+    kv = torch.cat([s.text_kv for s in states], dim=2)  # (layers, 2, 2B, H, L, Dh), per request [cond, uncond]
+    order = torch.arange(2 * b, device=device).view(b, 2).T.reshape(-1)  # cond rows first, then uncond
+    logits = transformer(torch.cat([x, x]), torch.cat([t, t]), text_kv=kv[:, :, order])  # (2B, N, K)
+    out = denoise_step(logits[:b], logits[b:], x, BatchParams.build([s.row() for s in states], device), schedule)
+    for i, s in enumerate(states):
+        s.tokens, s.purity, s.step = out.tokens[i], out.purity[i], s.step + 1
+    return out
+
+
+def default_params(model) -> GenerationParams:
+    """The model folder's defaults (``vqdiff.json``), else the released ones with steps capped at N."""
+    base = GenerationParams(steps=min(100, model.config.transformer.num_tokens))
+    return GenerationParams.from_dict(getattr(model, "generation_defaults", {}) or {}, base)
+
+
+@torch.no_grad()
+def start(model, prompts: list[str], params: list[GenerationParams]) -> list[RequestState]:
+    """Admit requests: resolve params, encode every text once (batched), cache cross-attention k/v."""
+    c = model.config.transformer
+    resolved = [
+        p.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None,
+                  seed=random_seed())
+        for p in params
+    ]
+    b = len(prompts)
+    cond = model.encode_text(prompts)  # (B, L, D)
+    uncond = torch.empty_like(cond)
+    by_kind: dict[str, list[int]] = {}
+    for i, p in enumerate(resolved):
+        by_kind.setdefault(p.uncond, []).append(i)
+    for kind, rows in by_kind.items():
+        if kind == "null":
+            uncond[rows] = model.null_text(len(rows)).to(cond)
+        else:
+            texts = [resolved[i].negative_prompt if kind == "negative" else "" for i in rows]
+            uncond[rows] = model.encode_text(texts)
+    text = torch.stack([cond, uncond], dim=1).flatten(0, 1)  # (2B, L, D): [cond_0, uncond_0, cond_1, ...]
+    kv = model.transformer.text_kv(text.to(next(model.transformer.parameters()).dtype))  # (layers, 2, 2B, H, L, Dh)
+    return [
+        RequestState(
+            params=p, plan=plan(p.sampler, p.steps, c.num_tokens, model.schedule),
+            tokens=torch.full((c.num_tokens,), c.mask_id, dtype=torch.long, device=model.device),
+            text_kv=kv[:, :, 2 * i : 2 * i + 2],
+        )
+        for i, p in enumerate(resolved)
+    ] if b else []
+
+
+@dataclass
+class SampleResult:
+    images: Tensor  # (B, 3, H, W) in [0, 1]
+    tokens: Tensor  # (B, N)
+    params: list[GenerationParams]  # as resolved (seeds filled in)
+
+
+@torch.no_grad()
+def sample(
+    model, prompts: list[str], params: GenerationParams | list[GenerationParams] | None = None,
+    on_step: Callable[[list[RequestState]], None] | None = None,
+) -> SampleResult:
+    """Generate one image per prompt. Requests may have different samplers and step counts; each
+    step runs one forward over the requests still running."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if params is None:
+        params = default_params(model)
+    if isinstance(params, GenerationParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} params")
+    states = start(model, prompts, params)
+    while running := [s for s in states if not s.done]:
+        advance(model.transformer, model.schedule, running)
+        if on_step is not None:
+            on_step(states)
+    tokens = torch.stack([s.tokens for s in states])  # (B, N)
+    return SampleResult(images=model.decode(tokens), tokens=tokens, params=[s.params for s in states])
