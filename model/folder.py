@@ -7,6 +7,7 @@
     tokenizer/     tokenizer.json | vocab.json + merges.txt                    (CLIPTokenizer)
     scheduler/     scheduler_config.json                                      (VQDiffusionScheduler)
     learned_classifier_free_sampling_embeddings/  config.json + weights       (optional)
+    vqdiff.json    generation defaults for this model (ours, optional)
 
 This is how users get ITHQ (REFERENCE.md section 6). Sharded weights (``*.index.json``) and
 variants (``diffusion_pytorch_model.fp16.safetensors``) are read too. ``.bin`` files go through
@@ -37,6 +38,7 @@ from model.vqvae import VQVAE
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose layout this writes
 NULL = "learned_classifier_free_sampling_embeddings"
+EXTRA = "vqdiff.json"  # our own, optional: generation defaults and provenance; diffusers ignores it
 REQUIRED = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")
 CLASSES = {
     "transformer": ["diffusers", "Transformer2DModel"],
@@ -307,8 +309,24 @@ def load_model(
         load_into(null_cond, *read_weights(folder / NULL, _diffusers_stems(), variant))
 
     model = VQDiffusion(config, transformer, vqvae, text_encoder, null_cond).float()
+    model.generation_defaults = read_generation_defaults(folder)
     model.transformer.to(dtype)
     return model.to(device).eval()
+
+
+def read_generation_defaults(folder: Path) -> dict:
+    """``vqdiff.json``'s ``generation_defaults`` (our addition to the layout; optional), validated."""
+    from model.params import GenerationParams
+
+    path = Path(folder) / EXTRA
+    if not path.is_file():
+        return {}
+    defaults = _read_json(path).get("generation_defaults", {})
+    try:
+        GenerationParams.from_dict(defaults)
+    except (TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path}: generation_defaults: {e}") from None
+    return defaults
 
 
 def save_model(model: VQDiffusion, folder: str | Path, *, overwrite: bool = False) -> Path:
@@ -335,6 +353,8 @@ def save_model(model: VQDiffusion, folder: str | Path, *, overwrite: bool = Fals
             null_cfg = {"_class_name": "LearnedClassifierFreeSamplingEmbeddings",
                         "_diffusers_version": DIFFUSERS_VERSION, "learnable": True, "hidden_size": dim, "length": length}
             _save_component(tmp / NULL, null_cfg, model.null_cond)
+        if model.generation_defaults:
+            _write_json(tmp / EXTRA, {"generation_defaults": model.generation_defaults})
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

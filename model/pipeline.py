@@ -35,6 +35,8 @@ class VQDiffusion(nn.Module):
         self.text_encoder = text_encoder
         self.null_cond = null_cond
         self._schedule = Schedule(config.diffusion)
+        # GenerationParams fields this model is best sampled with (the folder's vqdiff.json)
+        self.generation_defaults: dict = {}
 
     @property
     def device(self) -> torch.device:

@@ -37,6 +37,42 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(save_model(model, args.out, overwrite=args.overwrite))
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from model.folder import load_model
+    from model.params import GenerationParams
+    from model.rng import random_seed
+    from model.sampler import default_params, sample
+
+    if args.n < 1:
+        raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
+    if args.model is None:
+        raise ValueError("no model given and no default model is embedded yet; pass --model DIR")
+    model = load_model(args.model, device=args.device)
+    given = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("truncation_rate", args.truncation_rate),
+                               ("sampler", args.sampler), ("steps", args.steps), ("purity_weight", args.purity_weight),
+                               ("negative_prompt", args.negative_prompt), ("uncond", args.uncond)) if v is not None}
+    base = GenerationParams.from_dict(given, default_params(model))
+    seed = args.seed if args.seed is not None else random_seed()
+    c = model.config.transformer
+    params = [GenerationParams.from_dict({"seed": seed + i}, base).resolve(
+        num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None)
+        for i in range(args.n)]  # fails here, before any work, on parameters the model cannot take
+    longest = max(p.steps for p in params)
+    with tqdm(total=longest, desc="denoising", unit="step", disable=args.quiet) as bar:
+        result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = (result.images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to("cpu", torch.uint8)
+    for i, (img, p) in enumerate(zip(images.numpy(), result.params)):
+        path = out if args.n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        Image.fromarray(img).save(path, format="PNG")
+        print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqdiff", description="Improved VQ-Diffusion: model tools and server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", type=Path)
     s.add_argument("--load", action="store_true", help="also load the weights and count parameters")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="generate images from a prompt")
+    s.add_argument("prompt")
+    s.add_argument("--model", type=Path, default=None, help="model folder (diffusers layout)")
+    s.add_argument("-o", "--out", default="out.png", help="PNG path; with --n > 1, NAME-i.png")
+    s.add_argument("--n", type=int, default=1, help="images (seeds seed, seed+1, ...)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--steps", type=int, help="transformer forward passes")
+    s.add_argument("--guidance-scale", type=float)
+    s.add_argument("--sampler", help="purity | random | posterior | skip")
+    s.add_argument("--truncation-rate", type=float)
+    s.add_argument("--purity-weight", type=float)
+    s.add_argument("--negative-prompt")
+    s.add_argument("--uncond", help="null | empty | negative | auto")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("init", help="write a randomly initialised model folder from a preset")
     s.add_argument("out", type=Path)

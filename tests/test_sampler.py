@@ -1,0 +1,184 @@
+"""The sampler end to end: parity of the posterior sampler with diffusers, per-request
+reproducibility inside mixed batches, params validation, plans, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import model.step as step_mod
+from model.config import DiffusionConfig
+from model.diffusion import Schedule
+from model.folder import load_model, random_model, save_model
+from model.params import GenerationParams
+from model.sampler import advance, plan, sample, start
+from model.step import POSTERIOR, BatchParams, denoise_step
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer, tiny_config):
+    m = random_model(tiny_config, tokenizer, seed=3).eval()
+    with torch.no_grad():  # a random model with confident, varied predictions
+        m.transformer.out.weight.mul_(40.0)
+        m.null_cond.embeddings.normal_()
+    return m
+
+
+def _noise_from(generator: torch.Generator, last_step: int):
+    """A stand-in for rng.uniform that replays diffusers' torch.rand draws, (B, C, N) -> (B, N, C).
+    diffusers draws K classes at t = 0 and K + 1 otherwise."""
+
+    def uniform(seed, step, stream, n, c=None):
+        b = seed.shape[0]
+        if int(step[0]) == last_step:
+            u = torch.rand((b, c - 1, n), generator=generator)
+            return torch.cat([u, torch.full((b, 1, n), 0.5)], dim=1).transpose(1, 2)
+        return torch.rand((b, c, n), generator=generator).transpose(1, 2)
+
+    return uniform
+
+
+def test_posterior_step_matches_diffusers_scheduler(monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    k, n, b = 37, 16, 3
+    sched = diffusers.VQDiffusionScheduler(num_vec_classes=k + 1)
+    ours = Schedule(DiffusionConfig(num_classes=k))
+    g = torch.Generator().manual_seed(0)
+    for t in (99, 50, 2, 1, 0):
+        log_p = torch.log_softmax(torch.randn(b, n, k, generator=g) * 3, -1)  # (B, N, K)
+        x_t = torch.randint(0, k, (b, n), generator=g)
+        x_t[torch.rand(b, n, generator=g) < 0.5] = k  # half masked
+        want = sched.step(log_p.transpose(1, 2), t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+        monkeypatch.setattr(step_mod.rng, "uniform", _noise_from(torch.Generator().manual_seed(t), 0 if t == 0 else -1))
+        rows = [dict(guidance_scale=1.0, truncation_rate=1.0, purity_weight=0.0, kind=POSTERIOR, seed=0,
+                     step=0, count=0, t_eval=t)] * b
+        got = denoise_step(log_p, log_p, x_t, BatchParams.build(rows, "cpu"), ours).tokens
+        assert torch.equal(got, want), f"t={t}"
+
+
+def test_posterior_sampler_reproduces_diffusers_pipeline(diffusers_pipeline, diffusers_folder, monkeypatch):
+    """The whole original reverse process (100 steps, learned null, guidance, truncation) with
+    diffusers' noise gives diffusers' image."""
+    ours = load_model(diffusers_folder)
+    prompt = "a red circle above a blue square"
+    want = diffusers_pipeline(prompt, num_inference_steps=100, guidance_scale=4.0, truncation_rate=0.9,
+                              generator=torch.Generator().manual_seed(7), output_type="np").images  # (1, H, W, 3)
+    monkeypatch.setattr(step_mod.rng, "uniform", _noise_from(torch.Generator().manual_seed(7), 99))
+    params = GenerationParams(sampler="posterior", steps=100, guidance_scale=4.0, truncation_rate=0.9, seed=0)
+    got = sample(ours, [prompt], params).images.permute(0, 2, 3, 1).numpy()
+    assert abs(want - got).max() <= 1e-4
+
+
+def test_same_seed_same_tokens(tiny_model):
+    p = GenerationParams(steps=8, seed=11)
+    a, b = sample(tiny_model, ["a red circle"], p), sample(tiny_model, ["a red circle"], p)
+    assert torch.equal(a.tokens, b.tokens)
+    c = sample(tiny_model, ["a red circle"], GenerationParams(steps=8, seed=12))
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("sampler,steps", [("purity", 8), ("random", 5), ("skip", 6), ("posterior", 100)])
+def test_request_alone_equals_request_in_a_mixed_batch(tiny_model, sampler, steps):
+    """The same request alone, and joined late into a batch of three others (other prompts, params,
+    samplers, all at other steps) gives identical tokens."""
+    target = ("a red circle above a blue square", GenerationParams(sampler=sampler, steps=steps, seed=123,
+                                                                   guidance_scale=3.0, truncation_rate=0.95))
+    others = [
+        ("green triangle", GenerationParams(steps=20, seed=1, guidance_scale=7.0, purity_weight=2.0)),
+        ("blue square", GenerationParams(sampler="skip", steps=30, seed=2, uncond="empty")),
+        ("a circle", GenerationParams(sampler="random", steps=64, seed=3, negative_prompt="red")),
+    ]
+    (alone,) = start(tiny_model, [target[0]], [target[1]])
+    while not alone.done:
+        advance(tiny_model.transformer, tiny_model.schedule, [alone])
+
+    batch = start(tiny_model, [o[0] for o in others], [o[1] for o in others])
+    for i in range(3):  # the others run ahead, to different steps
+        advance(tiny_model.transformer, tiny_model.schedule, batch[i:])
+    (joined,) = start(tiny_model, [target[0]], [target[1]])
+    while not joined.done:
+        running = [s for s in batch if not s.done] + [joined]
+        assert len({s.step for s in running}) > 1 or len(running) == 1
+        advance(tiny_model.transformer, tiny_model.schedule, running)
+    assert torch.equal(alone.tokens, joined.tokens)
+    assert (alone.tokens < tiny_model.config.transformer.num_embed).all()  # nothing left masked
+
+
+def test_plans():
+    s = Schedule(DiffusionConfig(num_classes=37))
+    p = plan("purity", 10, 64, s)
+    assert sum(p.counts) == 64 and max(p.counts) - min(p.counts) <= 1
+    assert p.timesteps[0] == 99 and list(p.timesteps) == sorted(p.timesteps, reverse=True)
+    assert plan("random", 64, 64, s).counts == (1,) * 64
+    assert plan("posterior", 100, 64, s).timesteps == tuple(range(99, -1, -1))
+    assert plan("posterior", 100, 64, s).t_eval == tuple(range(99, -1, -1))
+    skip = plan("skip", 5, 64, s)
+    assert skip.timesteps == (99, 74, 50, 25, 0) and skip.t_eval == (75, 51, 26, 1, 0)
+    with pytest.raises(ValueError, match="steps: 65"):
+        plan("purity", 65, 64, s)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("guidance_scale", 0.5, r"guidance_scale: 0.5 is not allowed; expected a number in \[1.0, 50.0\]"),
+    ("guidance_scale", float("nan"), "guidance_scale: nan"),
+    ("truncation_rate", 0.0, r"truncation_rate: 0.0 is not allowed; expected a number in \(0.0, 1.0\]"),
+    ("truncation_rate", 1.5, "truncation_rate: 1.5"),
+    ("sampler", "ddim", "sampler: 'ddim' is not allowed; expected one of"),
+    ("steps", 0, "steps: 0 is not allowed"),
+    ("steps", 2.5, "steps: 2.5"),
+    ("purity_weight", -1.0, "purity_weight: -1.0"),
+    ("seed", -3, "seed: -3"),
+    ("uncond", "negative", "needs a non-empty negative_prompt"),
+])
+def test_invalid_params_name_field_value_range(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationParams(**{field: value})
+
+
+def test_params_checked_against_the_model(tiny_model):
+    with pytest.raises(ValueError, match=r"steps: 100 is not allowed for sampler 'purity'; expected 1..64"):
+        sample(tiny_model, ["a"], GenerationParams(steps=100, seed=0))
+    with pytest.raises(ValueError, match="unknown generation parameter"):
+        GenerationParams.from_dict({"guidance": 3})
+
+
+def test_cli_generates_a_png(tiny_model, tmp_path):
+    folder = save_model(tiny_model, tmp_path / "m")
+    out = tmp_path / "img.png"
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "a red circle", "--model", str(folder),
+                        "-o", str(out), "--steps", "8", "--seed", "4", "--guidance-scale", "3",
+                        "--sampler", "purity", "--truncation-rate", "0.9", "--purity-weight", "1.5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out)
+    assert img.format == "PNG" and img.size == (16, 16) and img.mode == "RGB"
+    want = sample(tiny_model, ["a red circle"], GenerationParams(steps=8, seed=4, guidance_scale=3.0,
+                                                                 truncation_rate=0.9, purity_weight=1.5)).images
+    got = torch.tensor(list(img.getdata()), dtype=torch.float32).view(16, 16, 3).permute(2, 0, 1) / 255
+    assert (got - want[0]).abs().max() <= 1 / 255 + 1e-6  # the same image, up to 8-bit rounding
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--guidance-scale", "0.5"], "guidance_scale: 0.5 is not allowed"),
+    (["--sampler", "nope"], "sampler: 'nope' is not allowed"),
+    (["--steps", "1000"], "steps: 1000 is not allowed"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(tiny_model, tmp_path, args, match):
+    folder = save_model(tiny_model, tmp_path / "m")
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "x", "--model", str(folder), "--quiet",
+                        "-o", str(tmp_path / "o.png"), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], r.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_bad_model_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "x", "--model", str(tmp_path / "m")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "model_index.json: file not found" in r.stderr
