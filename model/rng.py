@@ -31,19 +31,24 @@ def mix32(x: Tensor) -> Tensor:
 
 
 def uniform(seed: Tensor, step: Tensor, stream: int, num_positions: int, num_classes: int | None = None) -> Tensor:
-    """Uniforms in (0, 1), exactly representable in fp32 (24 bits).
+    """Uniforms in (0, 1), exactly representable in fp32 (23 bits; never 0 or 1).
 
     seed, step: (B,) int64. Returns (B, N) if ``num_classes`` is None, else (B, N, C); the number at
     (b, n, c) depends only on (seed[b], step[b], stream, n, c).
+
+    The counters are absorbed one after another (seed, then step and stream, then the index), each
+    through the bijective ``mix32``, so swapping two counters changes the result; the last round
+    xors the row's state back in, so two rows never see shifted copies of one stream.
     """
     dev = seed.device
     c = 1 if num_classes is None else num_classes
+    seed = seed.view(-1, 1, 1)  # (B, 1, 1)
+    h = mix32(seed & M32)
+    h = mix32(h ^ ((seed >> 32) & M32))
+    h = mix32((h + (step.view(-1, 1, 1) * 4 + stream)) & M32)  # (B, 1, 1): this row's stream state
     index = torch.arange(num_positions * c, device=dev, dtype=torch.int64).view(1, num_positions, c)  # (1, N, C)
-    h = mix32(index)
-    h = mix32(h ^ mix32((step.view(-1, 1, 1) * 4 + stream) & M32))  # (B, N, C)
-    h = mix32(h ^ mix32(seed.view(-1, 1, 1) & M32))
-    h = mix32(h ^ mix32(((seed.view(-1, 1, 1) >> 32) & M32) ^ 0x9E3779B9))
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # (B, N, C) in (0, 1)
+    x = mix32(mix32((h + index) & M32) ^ h)  # (B, N, C)
+    u = ((x >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)  # (B, N, C) in [2^-24, 1 - 2^-24]
     return u.squeeze(-1) if num_classes is None else u
 
 

@@ -124,28 +124,26 @@ def start(model, prompts: list[str], params: list[GenerationParams]) -> list[Req
                   seed=random_seed())
         for p in params
     ]
-    b = len(prompts)
+    if not prompts:
+        return []
     cond = model.encode_text(prompts)  # (B, L, D)
     uncond = torch.empty_like(cond)
-    by_kind: dict[str, list[int]] = {}
+    rows_of: dict[str, list[int]] = {}
     for i, p in enumerate(resolved):
-        by_kind.setdefault(p.uncond, []).append(i)
-    for kind, rows in by_kind.items():
+        rows_of.setdefault(p.uncond, []).append(i)
+    for kind, rows in rows_of.items():  # one text-encoder call per kind of unconditional branch
         if kind == "null":
             uncond[rows] = model.null_text(len(rows)).to(cond)
         else:
-            texts = [resolved[i].negative_prompt if kind == "negative" else "" for i in rows]
-            uncond[rows] = model.encode_text(texts)
+            uncond[rows] = model.encode_text([resolved[i].negative_prompt if kind == "negative" else "" for i in rows])
     text = torch.stack([cond, uncond], dim=1).flatten(0, 1)  # (2B, L, D): [cond_0, uncond_0, cond_1, ...]
     kv = model.transformer.text_kv(text.to(next(model.transformer.parameters()).dtype))  # (layers, 2, 2B, H, L, Dh)
+    empty = torch.full((c.num_tokens,), c.mask_id, dtype=torch.long, device=model.device)
     return [
-        RequestState(
-            params=p, plan=plan(p.sampler, p.steps, c.num_tokens, model.schedule),
-            tokens=torch.full((c.num_tokens,), c.mask_id, dtype=torch.long, device=model.device),
-            text_kv=kv[:, :, 2 * i : 2 * i + 2],
-        )
+        RequestState(params=p, plan=plan(p.sampler, p.steps, c.num_tokens, model.schedule), tokens=empty.clone(),
+                     text_kv=kv[:, :, 2 * i : 2 * i + 2])
         for i, p in enumerate(resolved)
-    ] if b else []
+    ]
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,33 @@ def test_unsupported_config_value_is_named(diffusers_folder, tmp_path):
     p.write_text(json.dumps(cfg))
     with pytest.raises(ModelFolderError, match="transformer.num_embed = 98 but vqvae.num_vq_embeddings = 37"):
         read_config(folder)
+
+
+def test_ithq_folder_configs_read_as_the_ithq_preset():
+    """ITHQ's JSON files (no weights) parse into exactly the ``ithq`` preset."""
+    from model.config import ithq
+
+    cfg = read_config(Path(__file__).parent / "fixtures" / "ithq")
+    want = ithq()
+    assert (cfg.transformer, cfg.vqvae.block_out_channels, cfg.vqvae.attention) == (
+        want.transformer, want.vqvae.block_out_channels, want.vqvae.attention)
+    assert cfg.vqvae == replace(want.vqvae, sample_size=32)  # diffusers' stored default
+    assert cfg.text_encoder == want.text_encoder and cfg.diffusion == want.diffusion and cfg.learnable_null
+
+
+def test_variant_weights_are_chosen(diffusers_folder, tmp_path, ours, tiny_config):
+    folder = shutil.copytree(diffusers_folder, tmp_path / "variant")
+    f = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    f.rename(f.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(ModelFolderError, match="no weights found"):
+        load_model(folder)
+    for comp in ("vqvae", "learned_classifier_free_sampling_embeddings"):
+        g = folder / comp / "diffusion_pytorch_model.safetensors"
+        g.rename(g.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    g = folder / "text_encoder" / "model.safetensors"
+    g.rename(g.with_name("model.fp16.safetensors"))
+    loaded = load_model(folder, variant="fp16")
+    x_t = _tokens(tiny_config.transformer, 1)
+    t, text = torch.tensor([5]), ours.encode_text(["a"])
+    with torch.no_grad():
+        assert torch.equal(loaded.transformer(x_t, t, text), ours.transformer(x_t, t, text))

@@ -73,6 +73,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    raise ValueError("the server is not built yet (issue 5); `vqdiff generate PROMPT --model DIR` works today")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqdiff", description="Improved VQ-Diffusion: model tools and server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="run the inference server (not built yet)")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("init", help="write a randomly initialised model folder from a preset")
     s.add_argument("out", type=Path)
