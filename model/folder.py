@@ -342,17 +342,17 @@ def save_model(model: VQDiffusion, folder: str | Path, *, overwrite: bool = Fals
         index.update({k: CLASSES[k] for k in REQUIRED})
         index[NULL] = CLASSES[NULL] if model.null_cond is not None else [None, None]
         _write_json(tmp / "model_index.json", index)
-        _save_component(tmp / "transformer", transformer_config_to_diffusers(c.transformer), model.transformer)
-        _save_component(tmp / "vqvae", vqvae_config_to_diffusers(c.vqvae), model.vqvae)
+        save_component(tmp / "transformer", transformer_config_to_diffusers(c.transformer), model.transformer)
+        save_component(tmp / "vqvae", vqvae_config_to_diffusers(c.vqvae), model.vqvae)
         clip = model.text_encoder.clip
-        _save_component(tmp / "text_encoder", clip.config.to_dict(), clip, stem="model")
+        save_component(tmp / "text_encoder", clip.config.to_dict(), clip, stem="model")
         save_tokenizer(model.text_encoder.tokenizer, tmp / "tokenizer")
         _write_json(tmp / "scheduler" / "scheduler_config.json", diffusion_config_to_diffusers(c.diffusion))
         if model.null_cond is not None:
             length, dim = model.null_cond.embeddings.shape
             null_cfg = {"_class_name": "LearnedClassifierFreeSamplingEmbeddings",
                         "_diffusers_version": DIFFUSERS_VERSION, "learnable": True, "hidden_size": dim, "length": length}
-            _save_component(tmp / NULL, null_cfg, model.null_cond)
+            save_component(tmp / NULL, null_cfg, model.null_cond)
         if model.generation_defaults:
             _write_json(tmp / EXTRA, {"generation_defaults": model.generation_defaults})
         if folder.exists():
@@ -375,7 +375,7 @@ def _load_tokenizer(path: Path):
         raise ModelFolderError(str(e)) from None
 
 
-def _save_component(path: Path, config: dict, module: nn.Module, stem: str = DIFFUSERS_WEIGHTS) -> None:
+def save_component(path: Path, config: dict, module: nn.Module, stem: str = DIFFUSERS_WEIGHTS) -> None:
     _write_json(path / "config.json", config)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
     save_file(state, path / f"{stem}.safetensors", metadata={"format": "pt"})

@@ -77,6 +77,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     raise ValueError("the server is not built yet (issue 5); `vqdiff generate PROMPT --model DIR` works today")
 
 
+def cmd_train_vqvae(args: argparse.Namespace) -> None:
+    from model.train_vqvae import VQVAETrainConfig, train_vqvae
+
+    cfg = VQVAETrainConfig(data=str(args.data), out=str(args.out), preset=args.preset, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
+                           ckpt_every=args.ckpt_every, log_every=args.log_every)
+    print(train_vqvae(cfg, progress=not args.quiet))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqdiff", description="Improved VQ-Diffusion: model tools and server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the inference server (not built yet)")
     s.set_defaults(func=cmd_serve)
+
+    train = sub.add_parser("train", help="training entry points (resumable)").add_subparsers(dest="what", required=True)
+    s = train.add_parser("vqvae", help="train the VQVAE on an image-caption folder")
+    s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
+    s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, vqvae/")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--ema-decay", type=float, default=0.99)
+    s.add_argument("--ckpt-every", type=int, default=200)
+    s.add_argument("--log-every", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_train_vqvae)
 
     s = sub.add_parser("init", help="write a randomly initialised model folder from a preset")
     s.add_argument("out", type=Path)

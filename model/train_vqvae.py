@@ -1,0 +1,113 @@
+"""``vqdiff train vqvae``: train the image tokeniser on an image-caption folder (captions unused).
+
+Resumable: every ``ckpt_every`` steps the full state (weights, optimiser, EMA codebook statistics,
+step) goes to OUT/checkpoint.pt atomically, and a run pointed at the same OUT continues from it
+with the same batch order. At the end OUT/vqvae/ holds the component in the model-folder layout
+(config.json + diffusion_pytorch_model.safetensors) that ``vqdiff train transformer`` builds on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.config import VQVAEConfig, from_name
+from model.data import ImageCaptionFolder
+from model.folder import save_component, vqvae_config_to_diffusers
+from model.vqvae import VQVAE
+
+
+@dataclass(frozen=True)
+class VQVAETrainConfig:
+    data: str
+    out: str
+    preset: str = "tiny"  # the model preset whose VQVAE (and image size) to train
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-4
+    ema_decay: float = 0.99  # codebook by EMA of assigned encoder outputs (None-like 0 = by gradient)
+    log_every: int = 50
+    ckpt_every: int = 200
+    seed: int = 0
+
+
+def _batches(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: a fresh permutation every epoch, a pure function of (seed, step)."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[k * batch : (k + 1) * batch]
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = from_name(cfg.preset)
+    vq_cfg: VQVAEConfig = model_cfg.vqvae
+    data = ImageCaptionFolder(cfg.data, model_cfg.image_size)
+    if len(data) < cfg.batch_size:
+        raise ValueError(f"{cfg.data}: {len(data)} images, fewer than batch_size {cfg.batch_size}")
+
+    torch.manual_seed(cfg.seed)
+    vqvae = VQVAE(vq_cfg)
+    opt = torch.optim.AdamW(vqvae.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    ckpt_path, step = out / "checkpoint.pt", 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["vqvae_config"] != asdict(vq_cfg):
+            raise ValueError(f"{ckpt_path}: was trained with another VQVAE config; use a new --out")
+        vqvae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        if "ema_count" in ckpt:
+            vqvae.register_buffer("ema_count", ckpt["ema_count"], persistent=False)
+            vqvae.register_buffer("ema_sum", ckpt["ema_sum"], persistent=False)
+        step = ckpt["step"]
+
+    log = open(out / "train.log", "a")
+    vqvae.train()
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train vqvae", unit="step", disable=not progress)
+    while step < cfg.steps:
+        idx = _batches(len(data), cfg.batch_size, cfg.seed, step)
+        x = torch.stack([data[int(i)][0] for i in idx])  # (B, 3, H, W)
+        recon, tokens, vq_loss = vqvae(x, ema_decay=cfg.ema_decay or None)
+        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = rec_loss + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            used = torch.bincount(tokens.flatten(), minlength=vq_cfg.num_vq_embeddings)
+            p = used.float() / used.sum()
+            perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
+            rec = {"step": step, "loss": round(loss.item(), 5), "rec": round(rec_loss.item(), 5),
+                   "vq": round(vq_loss.item(), 5), "codes_used": int((used > 0).sum()),
+                   "perplexity": round(perplexity, 1), "elapsed_s": round(time.time() - t0, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=rec["loss"], codes=rec["codes_used"])
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            state = {"step": step, "model": vqvae.state_dict(), "opt": opt.state_dict(),
+                     "vqvae_config": asdict(vq_cfg), "train_config": asdict(cfg)}
+            if hasattr(vqvae, "ema_count"):
+                state.update(ema_count=vqvae.ema_count, ema_sum=vqvae.ema_sum)
+            _save_atomic(state, ckpt_path)
+    bar.close()
+    log.close()
+    save_component(out / "vqvae", vqvae_config_to_diffusers(vq_cfg), vqvae.eval())
+    return out / "vqvae"

@@ -1,0 +1,90 @@
+"""Image-caption folders and the resumable VQVAE trainer (tiny preset, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from model.data import ImageCaptionFolder, read_index, write_folder
+from model.train_vqvae import VQVAETrainConfig, train_vqvae
+
+
+def _images(n: int, size: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.full((size, size, 3), 255, np.uint8)
+        x, y, s = rng.integers(0, size - 6, 3)
+        img[y : y + 4 + s % 3, x : x + 4 + s % 3] = rng.integers(0, 255, 3)
+        yield img, f"a square number {i}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("data") / "squares", _images(24))
+
+
+def test_folder_layouts_read_the_same(data, tmp_path):
+    pairs = read_index(data)
+    assert len(pairs) == 24 and pairs[3][1] == "a square number 3"
+    side = tmp_path / "sidecar"
+    side.mkdir()
+    for p, caption in pairs[:5]:
+        Image.open(p).save(side / p.name)
+        (side / p.name).with_suffix(".txt").write_text(caption + "\n")
+    ds = ImageCaptionFolder(side, 16)
+    x, caption = ds[2]
+    assert x.shape == (3, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1 and caption == pairs[2][1]
+    assert torch.equal(x, ImageCaptionFolder(data, 16)[2][0])
+
+
+def test_bad_folders_fail_loudly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        read_index(tmp_path / "nope")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        read_index(tmp_path / "a")
+    (tmp_path / "a" / "captions.jsonl").write_text('{"image": "x.png", "caption": "c"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl:2"):
+        read_index(tmp_path / "a")
+    (tmp_path / "a" / "captions.jsonl").write_text('{"image": "x.png", "caption": "c"}\n')
+    with pytest.raises(FileNotFoundError, match="x.png: listed"):
+        read_index(tmp_path / "a")
+
+
+def test_resumed_training_equals_uninterrupted(data, tmp_path):
+    base = dict(data=str(data), preset="tiny", batch_size=8, ckpt_every=2, log_every=1, seed=3)
+    straight = train_vqvae(VQVAETrainConfig(out=str(tmp_path / "a"), steps=6, **base), progress=False)
+    train_vqvae(VQVAETrainConfig(out=str(tmp_path / "b"), steps=4, **base), progress=False)  # "interrupted"
+    resumed = train_vqvae(VQVAETrainConfig(out=str(tmp_path / "b"), steps=6, **base), progress=False)
+    a = load_file(straight / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train.log").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # the second run started at step 5
+    assert all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_training_reduces_reconstruction_loss(data, tmp_path):
+    train_vqvae(VQVAETrainConfig(data=str(data), out=str(tmp_path / "r"), steps=40, batch_size=8, lr=1e-3,
+                                 log_every=1, ckpt_every=40), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "r" / "train.log").read_text().splitlines()]
+    first, last = np.mean([r["rec"] for r in log[:5]]), np.mean([r["rec"] for r in log[-5:]])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_cli_train_vqvae(data, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "vqvae", "--data", str(data), "--out",
+                        str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "vqvae" / "config.json").is_file()
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "vqvae", "--data", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "run2"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "data folder not found" in r.stderr
