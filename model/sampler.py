@@ -100,9 +100,9 @@ def advance(transformer, schedule: Schedule, states: list[RequestState]) -> Step
     b = len(states)
     x = torch.stack([s.tokens for s in states])  # (B, N)
     t = torch.tensor([s.plan.timesteps[s.step] for s in states], device=device)  # (B,)
-    kv = torch.cat([s.text_kv for s in states], dim=2)  # (layers, 2, 2B, H, L, Dh), per request [cond, uncond]
-    order = torch.arange(2 * b, device=device).view(b, 2).T.reshape(-1)  # cond rows first, then uncond
-    logits = transformer(torch.cat([x, x]), torch.cat([t, t]), text_kv=kv[:, :, order])  # (2B, N, K)
+    # (layers, 2, 2B, H, L, Dh): the cond rows of all requests, then their uncond rows
+    kv = torch.cat([s.text_kv[:, :, :1] for s in states] + [s.text_kv[:, :, 1:] for s in states], dim=2)
+    logits = transformer(torch.cat([x, x]), torch.cat([t, t]), text_kv=kv)  # (2B, N, K)
     out = denoise_step(logits[:b], logits[b:], x, BatchParams.build([s.row() for s in states], device), schedule)
     for i, s in enumerate(states):
         s.tokens, s.purity, s.step = out.tokens[i], out.purity[i], s.step + 1
