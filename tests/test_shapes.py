@@ -1,0 +1,160 @@
+"""The shapes dataset: determinism, the held-out split, open captions, and an exact parser."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from model.shapes import (HELDOUT, IMAGE_SIZE, Mention, Obj, ParsedObj, Scene, Stated, faithful,
+                          generate, parse, prompt_set, render, satisfies, words)
+
+
+def blur_binomial(image: np.ndarray) -> np.ndarray:
+    """Separable [1, 2, 1] / 4 blur (3x3, sigma ~0.7), edges replicated: the soft edges and rounded
+    corners of a VQVAE reconstruction."""
+    x = image.astype(np.float32)  # (H, W, 3)
+    k = (0.25, 0.5, 0.25)
+    p = np.pad(x, ((1, 1), (0, 0), (0, 0)), mode="edge")
+    x = sum(k[i] * p[i:i + image.shape[0]] for i in range(3))
+    p = np.pad(x, ((0, 0), (1, 1), (0, 0)), mode="edge")
+    return sum(k[i] * p[:, i:i + image.shape[1]] for i in range(3))
+
+
+def blur_box(image: np.ndarray) -> np.ndarray:
+    """3x3 box blur, edges replicated."""
+    h, w = image.shape[:2]
+    p = np.pad(image.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+
+
+def to_uint8(x: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    return np.clip(np.rint(x + rng.normal(0.0, sigma, x.shape)), 0, 255).astype(np.uint8)
+
+
+def read_exactly(image: np.ndarray, scene: Scene, stated: Stated) -> bool:
+    """Clean, every object's shape, colour and size recovered (centres within 1.5 px), caption true."""
+    parsed = parse(image)
+    if not parsed.clean or len(parsed.objects) != len(scene.objects):
+        return False
+    for perm in itertools.permutations(parsed.objects):
+        if all((p.shape, p.colour, p.size) == (o.shape, o.colour, o.size)
+               and abs(p.cx - o.cx) <= 1.5 and abs(p.cy - o.cy) <= 1.5
+               for p, o in zip(perm, scene.objects)):
+            return satisfies(parsed, stated)
+    return False
+
+
+def test_generate_is_deterministic():
+    for i in (0, 7, 123):
+        a, b = generate(i, seed=5), generate(i, seed=5)
+        assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
+        assert a[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and a[0].dtype == np.uint8
+    assert any(generate(i, 5)[1] != generate(i, 6)[1] for i in range(10))
+    assert prompt_set("two", "train", 20, seed=1) == prompt_set("two", "train", 20, seed=1)
+
+
+def test_heldout_pairs_only_in_heldout_split():
+    for i in range(2000):
+        _, text, _, scene = generate(i, seed=0, split="train")
+        assert not any((o.colour, o.shape) in HELDOUT for o in scene.objects), (i, text)
+    seen = set()
+    for i in range(200):
+        _, text, stated, scene = generate(i, seed=0, split="heldout")
+        pairs = {(o.colour, o.shape) for o in scene.objects} & set(HELDOUT)
+        assert pairs
+        assert pairs & {(m.colour, m.shape) for m in stated.mentions}  # the caption names the pair
+        seen |= pairs
+    assert seen == set(HELDOUT)
+    for text, stated in prompt_set("one", "heldout", 50, seed=2):
+        assert (stated.mentions[0].colour, stated.mentions[0].shape) in HELDOUT, text
+
+
+def test_parser_exact_on_rendered_images():
+    ok = sum(read_exactly(*(lambda g: (g[0], g[3], g[2]))(generate(i, seed=1))) for i in range(1000))
+    assert ok >= 990, ok  # measured 1000 / 1000
+
+
+@pytest.mark.parametrize("blur", [blur_binomial, blur_box])
+def test_parser_tolerates_reconstruction_like_degradation(blur):
+    """Blur over the whole image, then gaussian noise sigma 10 per channel, rounded to uint8."""
+    rng = np.random.default_rng(0)
+    ok = 0
+    for i in range(1000):
+        image, _, stated, scene = generate(i, seed=2)
+        ok += read_exactly(to_uint8(blur(image), rng, sigma=10.0), scene, stated)
+    assert ok >= 970, ok  # measured 1000 / 1000 for both blurs
+
+
+def test_satisfies_rejects_wrong_facts():
+    red_circle = ParsedObj("circle", "red", "small", 8.0, 8.0)
+    blue_square = ParsedObj("square", "blue", "large", 20.0, 22.0)
+    objs = [blue_square, red_circle]
+    above = Stated((Mention("circle", "red", "small"), Mention("square", "blue", None)), (0, "above", 1))
+    assert satisfies(objs, above)
+    assert satisfies(objs, Stated((Mention(None, None, None), Mention(None, "red", None))))
+    assert satisfies(objs, Stated(above.mentions, (1, "right", 0)))
+    wrong = [
+        Stated((Mention("circle", "green", None), Mention("square", None, None))),  # colour
+        Stated((Mention("triangle", "red", None), Mention("square", None, None))),  # shape
+        Stated((Mention("circle", "red", "large"), Mention("square", None, None))),  # size
+        Stated(above.mentions, (0, "below", 1)),  # relation
+        Stated(above.mentions, (1, "left", 0)),
+        Stated((Mention("circle", "red", None),)),  # count: the image shows two objects
+        Stated((Mention("circle", None, None), Mention("circle", None, None))),  # one object twice
+    ]
+    for stated in wrong:
+        assert not satisfies(objs, stated), stated
+    near = [ParsedObj("circle", "red", "small", 8.0, 20.0), ParsedObj("square", "blue", "small", 24.0, 21.0)]
+    assert not satisfies(near, Stated((Mention("circle", None, None), Mention("square", None, None)),
+                                      (0, "above", 1)))  # 1 px is no "above"
+    left = Stated((Mention("circle", None, None, place="left"),))
+    assert satisfies([ParsedObj("circle", "red", "small", 6.0, 16.0)], left)
+    assert not satisfies([ParsedObj("circle", "red", "small", 16.0, 16.0)], left)
+
+
+def test_faithful_needs_a_clean_image():
+    scene = Scene((Obj("square", "red", "large", 16.0, 16.0),))
+    stated = Stated((Mention("square", "red", None),))
+    image = render(scene)
+    assert faithful(image, stated)
+    mixed = image.copy()
+    mixed[16:23, 9:23] = (20, 60, 220)  # the lower half of the square turns blue
+    assert not parse(mixed).clean and not faithful(mixed, stated)
+    speck = image.copy()
+    speck[2, 2] = (20, 160, 40)
+    assert not parse(speck).clean
+    bar = np.full_like(image, 255)
+    bar[14:18, 2:30] = (20, 60, 220)  # a long bar is no shape of ours
+    assert not parse(bar).clean
+    muddy = image.copy()
+    muddy[9:23, 9:23] = (120, 120, 120)  # grey: far from every background-to-colour line
+    assert not parse(muddy).clean
+
+
+def test_captions_leave_attributes_open():
+    samples = [generate(i, seed=3) for i in range(1000)]
+    mentions = [m for _, _, stated, _ in samples for m in stated.mentions]
+    n_objects = np.array([len(s.mentions) for _, _, s, _ in samples])
+    no_colour = np.mean([m.colour is None for m in mentions])
+    no_size = np.mean([m.size is None for m in mentions])
+    no_shape = np.mean([m.shape is None for m in mentions])
+    assert 0.15 < no_colour < 0.35 and 0.4 < no_size < 0.6 and 0.08 < no_shape < 0.25
+    assert 0.25 < np.mean(n_objects == 1) < 0.42 and 0.25 < np.mean(n_objects == 3) < 0.42
+    two = [s for _, _, s, _ in samples if len(s.mentions) == 2]
+    assert 0.5 < np.mean([s.relation is not None for s in two]) < 0.9  # some "a and b", no relation
+    assert any(m.place for m in mentions)
+    vocab = set(words())
+    for _, text, _, _ in samples:
+        assert set(text.replace(",", " ").split()) <= vocab, text
+
+
+def test_prompt_sets_have_the_asked_object_count():
+    for kind, n in (("one", 1), ("two", 2), ("three", 3)):
+        prompts = prompt_set(kind, "train", 30, seed=0)
+        assert len(prompts) == 30 and all(len(s.mentions) == n for _, s in prompts)
+    with pytest.raises(ValueError):
+        prompt_set("four", "train", 1, seed=0)
+    with pytest.raises(ValueError):
+        generate(0, seed=0, split="test")
