@@ -175,7 +175,32 @@ def tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"ithq": ithq, "tiny": tiny}
+def shapes() -> ModelConfig:
+    """Candidate for the embedded default model (issue 4, in progress): 32x32 images of the
+    procedural shapes dataset (model/shapes.py), 8x8 tokens, sized to train on 2 CPU cores."""
+    k = 512
+    return ModelConfig(
+        name="shapes",
+        transformer=TransformerConfig(
+            num_embed=k, height=8, width=8, num_layers=8, num_heads=4, head_dim=64, text_dim=256, num_timesteps=100
+        ),
+        vqvae=VQVAEConfig(
+            block_out_channels=(64, 128, 128),
+            attention=(False, False, True),
+            layers_per_block=1,
+            latent_channels=64,
+            num_vq_embeddings=k,
+            vq_embed_dim=32,
+            sample_size=32,
+        ),
+        text_encoder=TextEncoderConfig(
+            vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4
+        ),
+        diffusion=DiffusionConfig(num_classes=k),
+    )
+
+
+PRESETS = {"ithq": ithq, "tiny": tiny, "shapes": shapes}
 
 
 def from_name(name: str) -> ModelConfig:
