@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 M32 = 0xFFFFFFFF
-SEED_MAX = 2**63 - 1
 
 # Streams: independent random numbers for the different draws of one step.
 SELECT = 0  # which masked positions to unmask (purity / random samplers)
@@ -64,4 +63,4 @@ def random_seed() -> int:
     return secrets.randbelow(2**53)  # exact in a JSON number
 
 
-__all__ = ["uniform", "gumbel", "mix32", "random_seed", "SELECT", "TOKEN", "POSTERIOR", "SEED_MAX"]
+__all__ = ["uniform", "gumbel", "mix32", "random_seed", "SELECT", "TOKEN", "POSTERIOR"]
