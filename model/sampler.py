@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from model.diffusion import Schedule
+from model.diffusion import Schedule, timestep_for_mask_fraction
 from model.params import POSTERIOR_SAMPLERS, GenerationParams
 from model.rng import random_seed
 from model.step import POSTERIOR, PURITY, RANDOM, BatchParams, StepOutput, denoise_step
@@ -58,13 +58,9 @@ def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule) -> Plan:
     if not 1 <= steps <= num_tokens:
         raise ValueError(f"steps: {steps} is not allowed for sampler {sampler!r}; expected 1..{num_tokens}")
     counts = [(i + 1) * num_tokens // steps - i * num_tokens // steps for i in range(steps)]
-    ctt = schedule.mask_prob().cpu().tolist()  # (T,) cumulative mask probability
-    remaining, ts = num_tokens, []
-    for c in counts:
-        fraction = remaining / num_tokens
-        ts.append(min(range(T), key=lambda t: abs(fraction - ctt[t])))
-        remaining -= c
-    return Plan(timesteps=tuple(ts), counts=tuple(counts), t_eval=(0,) * steps)
+    masked_before = torch.tensor([num_tokens - i * num_tokens // steps for i in range(steps)], dtype=torch.float64)
+    ts = timestep_for_mask_fraction(schedule, masked_before / num_tokens)  # (steps,)
+    return Plan(timesteps=tuple(ts.tolist()), counts=tuple(counts), t_eval=(0,) * steps)
 
 
 @dataclass
@@ -112,7 +108,7 @@ def advance(transformer, schedule: Schedule, states: list[RequestState]) -> Step
 def default_params(model) -> GenerationParams:
     """The model folder's defaults (``vqdiff.json``), else the released ones with steps capped at N."""
     base = GenerationParams(steps=min(100, model.config.transformer.num_tokens))
-    return GenerationParams.from_dict(getattr(model, "generation_defaults", {}) or {}, base)
+    return GenerationParams.from_dict(model.generation_defaults, base)
 
 
 @torch.no_grad()
