@@ -32,7 +32,8 @@ class VQVAETrainConfig:
     steps: int = 2000
     batch_size: int = 32
     lr: float = 2e-4
-    ema_decay: float = 0.99  # codebook by EMA of assigned encoder outputs (None-like 0 = by gradient)
+    ema_decay: float = 0.99  # codebook by EMA of assigned encoder outputs (0 = by gradient)
+    restart_below: float = 0.1  # EMA usage under which a code is moved onto a random latent (0 = never)
     log_every: int = 50
     ckpt_every: int = 200
     seed: int = 0
@@ -83,7 +84,11 @@ def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
     while step < cfg.steps:
         idx = _batches(len(data), cfg.batch_size, cfg.seed, step)
         x = torch.stack([data[int(i)][0] for i in idx])  # (B, 3, H, W)
-        recon, tokens, vq_loss = vqvae(x, ema_decay=cfg.ema_decay or None)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # restarts replay exactly on resume
+        if cfg.ema_decay and step == 0:  # start the codebook on data, not near zero
+            with torch.no_grad():
+                vqvae.restart_codes(vqvae.encode(x), float("inf"), g)
+        recon, tokens, vq_loss = vqvae(x, ema_decay=cfg.ema_decay or None, restart_below=cfg.restart_below, generator=g)
         rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec_loss + vq_loss
         opt.zero_grad(set_to_none=True)

@@ -180,3 +180,33 @@ def test_ema_update_moves_codes_toward_assigned_latents():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="decay"):
         model.ema_update(z_e, tokens, 1.0)
+
+
+def test_restart_codes_moves_only_rarely_used_codes_onto_latents():
+    cfg = tiny().vqvae
+    torch.manual_seed(0)
+    model = VQVAE(cfg).train()
+    images = torch.rand(4, 3, cfg.sample_size, cfg.sample_size)
+    z_e = model.encode(images).detach()
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, cfg.vq_embed_dim)  # (BHW, D)
+
+    # min_count = inf re-initialises every code from the data
+    g = torch.Generator().manual_seed(1)
+    assert model.restart_codes(z_e, float("inf"), g) == cfg.num_vq_embeddings
+    on_latent = (model.codebook.detach()[:, None, :] == flat[None, :, :]).all(-1).any(-1)  # (K,)
+    assert on_latent.all()  # each code is exactly some latent
+
+    # afterwards only the codes whose EMA usage fell below the threshold move
+    model.ema_count[:] = 1.0
+    model.ema_count[[3, 7]] = 0.01
+    before = model.codebook.detach().clone()
+    assert model.restart_codes(z_e, 0.1, g) == 2
+    moved = (model.codebook.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert set(moved) <= {3, 7}
+    assert model.ema_count[[3, 7]].tolist() == [1.0, 1.0]
+    # the same generator seed replays the same restarts (resumed training stays exact)
+    again = VQVAE(cfg)
+    again.load_state_dict(model.state_dict())
+    assert again.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(5)) == \
+        model.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(5))
+    assert torch.equal(again.codebook, model.codebook)

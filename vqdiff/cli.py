@@ -82,6 +82,7 @@ def cmd_train_vqvae(args: argparse.Namespace) -> None:
 
     cfg = VQVAETrainConfig(data=str(args.data), out=str(args.out), preset=args.preset, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
+                           restart_below=args.restart_below,
                            ckpt_every=args.ckpt_every, log_every=args.log_every)
     print(train_vqvae(cfg, progress=not args.quiet))
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--ema-decay", type=float, default=0.99)
+    s.add_argument("--restart-below", type=float, default=0.1, help="EMA usage below which a code restarts")
     s.add_argument("--ckpt-every", type=int, default=200)
     s.add_argument("--log-every", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
