@@ -402,3 +402,18 @@ def faithful(image: np.ndarray, stated: Stated) -> bool:
     """The exact fidelity metric: the image parses cleanly and shows everything the caption states."""
     parsed = parse(image)
     return parsed.clean and satisfies(parsed, stated)
+
+
+def reads_as(image: np.ndarray, scene: Scene, stated: Stated) -> bool:
+    """The image parses back into exactly ``scene``: clean, every object's shape, colour and size
+    recovered (centres within 1.5 px), and its caption's stated facts true. The evaluator's ceiling
+    check: a real image, or its VQVAE reconstruction, should pass."""
+    parsed = parse(image)
+    if not parsed.clean or len(parsed.objects) != len(scene.objects):
+        return False
+    for perm in itertools.permutations(parsed.objects):
+        if all((p.shape, p.colour, p.size) == (o.shape, o.colour, o.size)
+               and abs(p.cx - o.cx) <= 1.5 and abs(p.cy - o.cy) <= 1.5
+               for p, o in zip(perm, scene.objects)):
+            return satisfies(parsed, stated)
+    return False

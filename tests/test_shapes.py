@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
 
 from model.shapes import (HELDOUT, IMAGE_SIZE, Mention, Obj, ParsedObj, Scene, Stated, faithful,
-                          generate, parse, prompt_set, render, satisfies, words)
+                          generate, parse, prompt_set, reads_as, render, satisfies, words)
 
 
 def blur_binomial(image: np.ndarray) -> np.ndarray:
@@ -31,19 +30,6 @@ def blur_box(image: np.ndarray) -> np.ndarray:
 
 def to_uint8(x: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
     return np.clip(np.rint(x + rng.normal(0.0, sigma, x.shape)), 0, 255).astype(np.uint8)
-
-
-def read_exactly(image: np.ndarray, scene: Scene, stated: Stated) -> bool:
-    """Clean, every object's shape, colour and size recovered (centres within 1.5 px), caption true."""
-    parsed = parse(image)
-    if not parsed.clean or len(parsed.objects) != len(scene.objects):
-        return False
-    for perm in itertools.permutations(parsed.objects):
-        if all((p.shape, p.colour, p.size) == (o.shape, o.colour, o.size)
-               and abs(p.cx - o.cx) <= 1.5 and abs(p.cy - o.cy) <= 1.5
-               for p, o in zip(perm, scene.objects)):
-            return satisfies(parsed, stated)
-    return False
 
 
 def test_generate_is_deterministic():
@@ -72,7 +58,7 @@ def test_heldout_pairs_only_in_heldout_split():
 
 
 def test_parser_exact_on_rendered_images():
-    ok = sum(read_exactly(*(lambda g: (g[0], g[3], g[2]))(generate(i, seed=1))) for i in range(1000))
+    ok = sum(reads_as(*(lambda g: (g[0], g[3], g[2]))(generate(i, seed=1))) for i in range(1000))
     assert ok >= 990, ok  # measured 1000 / 1000
 
 
@@ -83,7 +69,7 @@ def test_parser_tolerates_reconstruction_like_degradation(blur):
     ok = 0
     for i in range(1000):
         image, _, stated, scene = generate(i, seed=2)
-        ok += read_exactly(to_uint8(blur(image), rng, sigma=10.0), scene, stated)
+        ok += reads_as(to_uint8(blur(image), rng, sigma=10.0), scene, stated)
     assert ok >= 970, ok  # measured 1000 / 1000 for both blurs
 
 
