@@ -7,7 +7,6 @@ visible (independent math), and statistics of samples.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
