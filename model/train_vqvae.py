@@ -8,8 +8,6 @@ with the same batch order. At the end OUT/vqvae/ holds the component in the mode
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from tqdm import tqdm
 from model.config import VQVAEConfig, from_name
 from model.data import ImageCaptionFolder
 from model.folder import save_component, vqvae_config_to_diffusers
+from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
 from model.vqvae import VQVAE
 
 
@@ -39,20 +38,6 @@ class VQVAETrainConfig:
     seed: int = 0
 
 
-def _batches(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of the batch at ``step``: a fresh permutation every epoch, a pure function of (seed, step)."""
-    per_epoch = max(1, n // batch)
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return perm[k * batch : (k + 1) * batch]
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,8 +51,7 @@ def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
     vqvae = VQVAE(vq_cfg)
     opt = torch.optim.AdamW(vqvae.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     ckpt_path, step = out / "checkpoint.pt", 0
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if (ckpt := load_checkpoint(ckpt_path)) is not None:
         if ckpt["vqvae_config"] != asdict(vq_cfg):
             raise ValueError(f"{ckpt_path}: was trained with another VQVAE config; use a new --out")
         vqvae.load_state_dict(ckpt["model"])
@@ -77,14 +61,14 @@ def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
             vqvae.register_buffer("ema_sum", ckpt["ema_sum"], persistent=False)
         step = ckpt["step"]
 
-    log = open(out / "train.log", "a")
+    log = JsonLog(out / "train.log")
     vqvae.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train vqvae", unit="step", disable=not progress)
     while step < cfg.steps:
-        idx = _batches(len(data), cfg.batch_size, cfg.seed, step)
+        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
         x = torch.stack([data[int(i)][0] for i in idx])  # (B, 3, H, W)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # restarts replay exactly on resume
+        g = step_generator(cfg.seed, step)  # code restarts replay exactly on resume
         if cfg.ema_decay and step == 0:  # start the codebook on data, not near zero
             with torch.no_grad():
                 vqvae.restart_codes(vqvae.encode(x), float("inf"), g)
@@ -103,15 +87,14 @@ def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
             rec = {"step": step, "loss": round(loss.item(), 5), "rec": round(rec_loss.item(), 5),
                    "vq": round(vq_loss.item(), 5), "codes_used": int((used > 0).sum()),
                    "perplexity": round(perplexity, 1), "elapsed_s": round(time.time() - t0, 1)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            log.write(rec)
             bar.set_postfix(loss=rec["loss"], codes=rec["codes_used"])
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             state = {"step": step, "model": vqvae.state_dict(), "opt": opt.state_dict(),
                      "vqvae_config": asdict(vq_cfg), "train_config": asdict(cfg)}
             if hasattr(vqvae, "ema_count"):
                 state.update(ema_count=vqvae.ema_count, ema_sum=vqvae.ema_sum)
-            _save_atomic(state, ckpt_path)
+            save_checkpoint(state, ckpt_path)
     bar.close()
     log.close()
     save_component(out / "vqvae", vqvae_config_to_diffusers(vq_cfg), vqvae.eval())

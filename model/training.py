@@ -1,0 +1,51 @@
+"""What every ``vqdiff train`` run shares: the batch order, atomic checkpoints, the JSON-lines log.
+
+Runs are resumable and exact: a batch, a timestep, a noise draw at step s depend only on
+(seed, s), and a checkpoint holds everything else, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: a fresh permutation every epoch, a pure function of (seed, step)."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[k * batch : (k + 1) * batch]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random source of one training step (timesteps, noise, caption drops, code restarts)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+class JsonLog:
+    """Appends one JSON object per line to OUT/train.log."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
