@@ -87,6 +87,19 @@ def cmd_train_vqvae(args: argparse.Namespace) -> None:
     print(train_vqvae(cfg, progress=not args.quiet))
 
 
+def cmd_train_transformer(args: argparse.Namespace) -> None:
+    from model.train_transformer import TransformerTrainConfig, train_transformer
+
+    fine_tune = args.what == "null-cond"
+    cfg = TransformerTrainConfig(
+        data=str(args.data), out=str(args.out), vqvae=None if fine_tune else str(args.vqvae),
+        init=str(args.model) if fine_tune else None, preset=args.preset, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, null_drop=args.null_drop,
+        null_mode=args.null_mode, only_null=fine_tune and args.only_null, log_every=args.log_every,
+        ckpt_every=args.ckpt_every, seed=args.seed)
+    print(train_transformer(cfg, progress=not args.quiet))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqdiff", description="Improved VQ-Diffusion: model tools and server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_train_vqvae)
+
+    for what in ("transformer", "null-cond"):
+        fine_tune = what == "null-cond"
+        s = train.add_parser(what, help=(
+            "fine-tune a trained model with a null condition (the paper's fine-tuning step)" if fine_tune
+            else "train the diffusion transformer (and its text encoder) on an image-caption folder"))
+        s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
+        s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, model/")
+        if fine_tune:
+            s.add_argument("--model", type=Path, required=True, help="the model folder to fine-tune")
+            s.add_argument("--only-null", action="store_true", help="train only the learnable null")
+        else:
+            s.add_argument("--vqvae", type=Path, required=True, help="OUT/vqvae of `vqdiff train vqvae`")
+        s.add_argument("--preset", default="shapes")
+        s.add_argument("--steps", type=int, default=1000 if fine_tune else 5000)
+        s.add_argument("--batch-size", type=int, default=64)
+        s.add_argument("--lr", type=float, default=1e-4 if fine_tune else 5e-4)
+        s.add_argument("--warmup", type=int, default=50 if fine_tune else 200)
+        s.add_argument("--null-drop", type=float, default=0.1, help="rate at which a caption becomes the null")
+        s.add_argument("--null-mode", default="learnable", help="learnable | empty | none")
+        s.add_argument("--ckpt-every", type=int, default=250)
+        s.add_argument("--log-every", type=int, default=50)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--quiet", action="store_true")
+        s.set_defaults(func=cmd_train_transformer)
 
     s = sub.add_parser("init", help="write a randomly initialised model folder from a preset")
     s.add_argument("out", type=Path)

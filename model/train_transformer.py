@@ -1,0 +1,195 @@
+"""``vqdiff train transformer`` and ``vqdiff train null-cond``: the diffusion transformer on an
+image-caption folder, with the caption dropped to the null condition at a rate (0.1 by default).
+
+A fresh run builds a model from a preset: a word-level CLIP tokenizer over the captions' words, a
+CLIP text encoder trained jointly (no pretrained CLIP can be downloaded here), and a VQVAE trained
+by ``vqdiff train vqvae``. ``--init MODEL`` continues from a model folder instead: that is the
+paper's fine-tuning step (``null-cond``), optionally training only the learnable null.
+
+What the caption is dropped to (``null_mode``): ``learnable`` (the learnable null condition, Eq. 7),
+``empty`` (the empty prompt's embedding: "guidance with a null text"), or ``none`` (never dropped).
+
+Resumable like every trainer here (model/training.py); OUT/model/ is a complete model folder,
+rewritten at every checkpoint, so a stopped run still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.config import from_name
+from model.data import ImageCaptionFolder, read_index
+from model.diffusion import ImportanceSampler, q_sample, training_loss
+from model.folder import ModelFolderError, load_into, load_model, random_model, read_weights, save_model
+from model.folder import vqvae_config_from_diffusers
+from model.pipeline import VQDiffusion
+from model.tokenizer import ALPHABET, word_tokenizer
+from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
+
+NULL_MODES = ("learnable", "empty", "none")
+
+
+@dataclass(frozen=True)
+class TransformerTrainConfig:
+    data: str
+    out: str
+    vqvae: str | None = None  # OUT/vqvae of `vqdiff train vqvae` (fresh runs)
+    init: str | None = None  # a model folder to continue from (fine-tuning)
+    preset: str = "shapes"
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    null_drop: float = 0.1  # probability that a caption is replaced by the null condition
+    null_mode: str = "learnable"
+    only_null: bool = False  # train the learnable null alone (the rest frozen)
+    log_every: int = 50
+    ckpt_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.null_mode not in NULL_MODES:
+            raise ValueError(f"null_mode: {self.null_mode!r} is not allowed; expected one of {list(NULL_MODES)}")
+        if not 0.0 <= self.null_drop <= 1.0:
+            raise ValueError(f"null_drop: {self.null_drop} is not allowed; expected a number in [0, 1]")
+        if (self.vqvae is None) == (self.init is None):
+            raise ValueError("give exactly one of vqvae (a fresh model) and init (a model folder to continue)")
+        if self.only_null and self.null_mode != "learnable":
+            raise ValueError("only_null trains the learnable null: it needs null_mode 'learnable'")
+
+
+def caption_words(captions: list[str]) -> list[str]:
+    """The words of the captions (lowercased, split at anything outside the tokenizer's alphabet)."""
+    words: dict[str, None] = {}
+    for c in captions:
+        for w in re.split(r"[^a-z0-9']+", c.lower()):
+            if w and all(ch in ALPHABET for ch in w):
+                words.setdefault(w)
+    return list(words)
+
+
+def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion:
+    if cfg.init is not None:
+        model = load_model(cfg.init)
+        if cfg.null_mode == "learnable" and model.null_cond is None:
+            raise ValueError(f"{cfg.init}: has no learnable null condition to train")
+        return model
+    vq_dir = Path(cfg.vqvae)
+    config = from_name(cfg.preset)
+    vq_config = vqvae_config_from_diffusers(json.loads((vq_dir / "config.json").read_text()), vq_dir / "config.json")
+    if vq_config.num_vq_embeddings != config.vqvae.num_vq_embeddings or vq_config.downsample != config.vqvae.downsample:
+        raise ModelFolderError(f"{vq_dir}: its VQVAE does not fit preset {cfg.preset!r} (codebook size or downsampling)")
+    config = replace(config, vqvae=vq_config, learnable_null=cfg.null_mode == "learnable")
+    tokenizer = word_tokenizer(caption_words(captions))
+    if len(tokenizer) > config.text_encoder.vocab_size:
+        config = replace(config, text_encoder=replace(config.text_encoder, vocab_size=len(tokenizer)))
+    model = random_model(config, tokenizer, seed=cfg.seed)
+    load_into(model.vqvae, *read_weights(vq_dir, {"safetensors": "diffusion_pytorch_model", "bin": "diffusion_pytorch_model"}))
+    return model
+
+
+@torch.no_grad()
+def tokenize_dataset(model: VQDiffusion, data: ImageCaptionFolder, batch: int = 256) -> torch.Tensor:
+    """Every image's token grid, once: (n, N) long. The VQVAE is frozen while the transformer trains."""
+    model.vqvae.eval()
+    out = []
+    for i in range(0, len(data), batch):
+        images = torch.stack([data[j][0] for j in range(i, min(i + batch, len(data)))])  # (b, 3, H, W)
+        out.append(model.vqvae.tokenize(images))
+    return torch.cat(out)  # (n, N)
+
+
+def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    captions = [c for _, c in read_index(Path(cfg.data))]
+    # a resumed run rebuilds the architecture (and tokenizer) from its own model folder
+    model = build_model(replace(cfg, init=str(out / "model"), vqvae=None) if ckpt is not None else cfg, captions)
+    data = ImageCaptionFolder(cfg.data, model.config.image_size, cache=False)
+    if len(data) < cfg.batch_size:
+        raise ValueError(f"{cfg.data}: {len(data)} images, fewer than batch_size {cfg.batch_size}")
+    tokens = tokenize_dataset(model, data)  # (n, N)
+    ids = model.text_encoder.tokenize(captions)  # (n, 77)
+    empty_ids = model.text_encoder.tokenize([""])  # (1, 77)
+
+    trainable = [model.null_cond] if cfg.only_null else [m for m in (model.transformer, model.text_encoder, model.null_cond) if m is not None]
+    params = [p for m in trainable for p in m.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    importance = ImportanceSampler(model.config.diffusion.num_timesteps)
+    step = 0
+    if ckpt is not None:
+        if ckpt["train_config"]["data"] != cfg.data:
+            raise ValueError(f"{ckpt_path}: was trained on {ckpt['train_config']['data']}, not {cfg.data}; use a new --out")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        importance.load_state_dict(ckpt["importance"])
+        step = ckpt["step"]
+
+    schedule, c = model.schedule, model.config.transformer
+    log = JsonLog(out / "train.log")
+    model.train()
+    model.vqvae.eval()
+    t0, seen = time.time(), 0.0
+    bar = tqdm(total=cfg.steps, initial=step, desc="train transformer", unit="step", disable=not progress)
+    while step < cfg.steps:
+        g = step_generator(cfg.seed, step)
+        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
+        b = idx.numel()
+        x0 = tokens[idx]  # (B, N)
+        t, pt = importance.sample(b, g)  # (B,), (B,)
+        x_t = q_sample(schedule, x0, t, generator=g)  # (B, N)
+        drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
+        with torch.set_grad_enabled(not cfg.only_null):
+            text = model.text_encoder(ids[idx])  # (B, 77, D)
+        if cfg.null_mode == "learnable":
+            null = model.null_cond(b)  # (B, 77, D)
+        else:
+            null = model.text_encoder(empty_ids).expand(b, -1, -1)  # (B, 77, D)
+        cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, 77, D)
+        log_x0 = model.transformer.log_probs(x_t, t, cond)  # (B, N, K)
+        loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t, pt=pt, return_terms=True)  # (B,)
+        loss = loss_b.sum() / (b * c.num_tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        importance.update(t, terms.vb.detach())
+        step += 1
+        seen += b
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            with torch.no_grad():
+                masked = x_t == c.mask_id
+                acc = (log_x0.argmax(-1) == x0)[masked].float().mean().item() if masked.any() else float("nan")
+            rec = {"step": step, "loss": round(loss.item(), 5), "masked_acc": round(acc, 4),
+                   "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            log.write(rec)
+            bar.set_postfix(loss=rec["loss"], acc=rec["masked_acc"])
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_model(model.eval(), out / "model", overwrite=True)
+            model.train()
+            model.vqvae.eval()
+            save_checkpoint({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                             "sched": sched.state_dict(), "importance": importance.state_dict(),
+                             "train_config": asdict(cfg)}, ckpt_path)
+    bar.close()
+    log.close()
+    return out / "model"
+
