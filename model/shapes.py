@@ -273,6 +273,12 @@ def generate(index: int, seed: int = 0, split: Split = "train", image_size: int 
 def prompt_set(kind: Literal["one", "two", "three"], split: Split = "train", n: int = 100,
                seed: int = 0, image_size: int = IMAGE_SIZE) -> list[tuple[str, Stated]]:
     """``n`` evaluation prompts with 1, 2 or 3 objects, independent of ``generate``'s stream."""
+    return [(caption, stated) for caption, stated, _ in prompt_scenes(kind, split, n, seed, image_size)]
+
+
+def prompt_scenes(kind: Literal["one", "two", "three"], split: Split = "train", n: int = 100,
+                  seed: int = 0, image_size: int = IMAGE_SIZE) -> list[tuple[str, Stated, Scene]]:
+    """``prompt_set`` with the scene each prompt was written from (one image that honours it)."""
     counts = {"one": 1, "two": 2, "three": 3}
     if kind not in counts:
         raise ValueError(f"kind must be 'one', 'two' or 'three', got {kind!r}")
@@ -280,7 +286,7 @@ def prompt_set(kind: Literal["one", "two", "three"], split: Split = "train", n: 
     for i in range(n):
         rng = _rng(seed, i, _split_code(split), 100 + counts[kind])
         scene = sample_scene(rng, split, counts[kind], image_size)
-        out.append(describe(rng, scene, split))
+        out.append((*describe(rng, scene, split), scene))
     return out
 
 

@@ -37,25 +37,52 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(save_model(model, args.out, overwrite=args.overwrite))
 
 
+PARAM_FLAGS = ("guidance_scale", "truncation_rate", "sampler", "steps", "purity_weight", "negative_prompt", "uncond")
+
+
+def _add_param_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", type=Path, default=None, help="model folder (diffusers layout)")
+    s.add_argument("--steps", type=int, help="transformer forward passes")
+    s.add_argument("--guidance-scale", type=float)
+    s.add_argument("--sampler", help="purity | random | posterior | skip")
+    s.add_argument("--truncation-rate", type=float)
+    s.add_argument("--purity-weight", type=float)
+    s.add_argument("--negative-prompt")
+    s.add_argument("--uncond", help="null | empty | negative | auto")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _load(args: argparse.Namespace):
+    from model.folder import load_model
+
+    if args.model is None:
+        raise ValueError("no model given and no default model is embedded yet; pass --model DIR")
+    return load_model(args.model, device=args.device)
+
+
+def _params_from_args(args: argparse.Namespace, model):
+    """The model folder's defaults, overridden by the flags given."""
+    from model.params import GenerationParams
+    from model.sampler import default_params
+
+    given = {k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None}
+    return GenerationParams.from_dict(given, default_params(model))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image
     from tqdm import tqdm
 
-    from model.folder import load_model
     from model.params import GenerationParams
     from model.rng import random_seed
-    from model.sampler import default_params, sample
+    from model.sampler import sample
 
     if args.n < 1:
         raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
-    if args.model is None:
-        raise ValueError("no model given and no default model is embedded yet; pass --model DIR")
-    model = load_model(args.model, device=args.device)
-    given = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("truncation_rate", args.truncation_rate),
-                               ("sampler", args.sampler), ("steps", args.steps), ("purity_weight", args.purity_weight),
-                               ("negative_prompt", args.negative_prompt), ("uncond", args.uncond)) if v is not None}
-    base = GenerationParams.from_dict(given, default_params(model))
+    model = _load(args)
+    base = _params_from_args(args, model)
     seed = args.seed if args.seed is not None else random_seed()
     c = model.config.transformer
     params = [GenerationParams.from_dict({"seed": seed + i}, base).resolve(
@@ -71,6 +98,36 @@ def cmd_generate(args: argparse.Namespace) -> None:
         path = out if args.n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         Image.fromarray(img).save(path, format="PNG")
         print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from model.evaluate import evaluate, grid
+
+    model = _load(args)
+    params = _params_from_args(args, model)
+    c = model.config.transformer
+    params.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None, seed=0)
+    rows, images = [], []
+    for kind in args.kind.split(","):
+        with tqdm(total=args.n * args.samples, desc=f"eval {kind}", unit="img", disable=args.quiet) as bar:
+            r = evaluate(model, kind, args.split, args.n, args.samples, params, seed=args.seed,
+                         on_batch=lambda done, total: bar.update(done - bar.n))
+        rows.append(r)
+        images.append(r["images"])
+    p = params
+    print(f"model {args.model}  sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale} "
+          f"truncation_rate={p.truncation_rate} purity_weight={p.purity_weight} uncond={p.uncond}")
+    print(f"{'kind':6s} {'split':8s} {'prompts':>7s} {'samples':>7s} {'fidelity':>8s} {'quality':>8s} {'diversity':>9s}")
+    for r in rows:
+        div = f"{r['diversity']:9.3f}" if "diversity" in r else f"{'-':>9s}"
+        print(f"{r['kind']:6s} {r['split']:8s} {r['prompts']:7d} {r['samples']:7d} {r['fidelity']:8.3f} {r['quality']:8.3f} {div}")
+    if args.grid:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid(np.concatenate(images))).save(args.grid)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -111,20 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate images from a prompt")
     s.add_argument("prompt")
-    s.add_argument("--model", type=Path, default=None, help="model folder (diffusers layout)")
     s.add_argument("-o", "--out", default="out.png", help="PNG path; with --n > 1, NAME-i.png")
     s.add_argument("--n", type=int, default=1, help="images (seeds seed, seed+1, ...)")
     s.add_argument("--seed", type=int)
-    s.add_argument("--steps", type=int, help="transformer forward passes")
-    s.add_argument("--guidance-scale", type=float)
-    s.add_argument("--sampler", help="purity | random | posterior | skip")
-    s.add_argument("--truncation-rate", type=float)
-    s.add_argument("--purity-weight", type=float)
-    s.add_argument("--negative-prompt")
-    s.add_argument("--uncond", help="null | empty | negative | auto")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_param_args(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("eval", help="prompt fidelity / quality / diversity on the shapes benchmark")
+    s.add_argument("--kind", default="one", help="one | two | three objects per prompt (comma-separated for several)")
+    s.add_argument("--split", default="train", help="train | heldout (colour/shape pairs never trained on)")
+    s.add_argument("--n", type=int, default=100, help="prompts")
+    s.add_argument("--samples", type=int, default=1, help="images per prompt (> 1 measures diversity)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--grid", type=Path, help="write the images as one PNG grid")
+    _add_param_args(s)
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="run the inference server (not built yet)")
     s.set_defaults(func=cmd_serve)
