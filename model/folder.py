@@ -329,8 +329,14 @@ def read_generation_defaults(folder: Path) -> dict:
     return defaults
 
 
-def save_model(model: VQDiffusion, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``model`` as a diffusers-layout folder of safetensors; atomic (temp folder, then rename)."""
+def save_model(
+    model: VQDiffusion, folder: str | Path, *, overwrite: bool = False, dtype: torch.dtype = torch.float32,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``model`` as a diffusers-layout folder of safetensors; atomic (temp folder, then rename).
+
+    ``dtype`` is the on-disk precision of floating-point weights (loading always gives fp32 masters);
+    ``extra`` goes into vqdiff.json beside the generation defaults (e.g. how the model was trained)."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
@@ -342,19 +348,19 @@ def save_model(model: VQDiffusion, folder: str | Path, *, overwrite: bool = Fals
         index.update({k: CLASSES[k] for k in REQUIRED})
         index[NULL] = CLASSES[NULL] if model.null_cond is not None else [None, None]
         _write_json(tmp / "model_index.json", index)
-        save_component(tmp / "transformer", transformer_config_to_diffusers(c.transformer), model.transformer)
-        save_component(tmp / "vqvae", vqvae_config_to_diffusers(c.vqvae), model.vqvae)
+        save_component(tmp / "transformer", transformer_config_to_diffusers(c.transformer), model.transformer, dtype=dtype)
+        save_component(tmp / "vqvae", vqvae_config_to_diffusers(c.vqvae), model.vqvae, dtype=dtype)
         clip = model.text_encoder.clip
-        save_component(tmp / "text_encoder", clip.config.to_dict(), clip, stem="model")
+        save_component(tmp / "text_encoder", clip.config.to_dict(), clip, stem="model", dtype=dtype)
         save_tokenizer(model.text_encoder.tokenizer, tmp / "tokenizer")
         _write_json(tmp / "scheduler" / "scheduler_config.json", diffusion_config_to_diffusers(c.diffusion))
         if model.null_cond is not None:
             length, dim = model.null_cond.embeddings.shape
             null_cfg = {"_class_name": "LearnedClassifierFreeSamplingEmbeddings",
                         "_diffusers_version": DIFFUSERS_VERSION, "learnable": True, "hidden_size": dim, "length": length}
-            save_component(tmp / NULL, null_cfg, model.null_cond)
-        if model.generation_defaults:
-            _write_json(tmp / EXTRA, {"generation_defaults": model.generation_defaults})
+            save_component(tmp / NULL, null_cfg, model.null_cond, dtype=dtype)
+        if model.generation_defaults or extra:
+            _write_json(tmp / EXTRA, {**(extra or {}), "generation_defaults": model.generation_defaults})
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -375,9 +381,12 @@ def _load_tokenizer(path: Path):
         raise ModelFolderError(str(e)) from None
 
 
-def save_component(path: Path, config: dict, module: nn.Module, stem: str = DIFFUSERS_WEIGHTS) -> None:
+def save_component(
+    path: Path, config: dict, module: nn.Module, stem: str = DIFFUSERS_WEIGHTS, dtype: torch.dtype = torch.float32
+) -> None:
     _write_json(path / "config.json", config)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in module.state_dict().items()}
     save_file(state, path / f"{stem}.safetensors", metadata={"format": "pt"})
 
 

@@ -251,3 +251,24 @@ def test_variant_weights_are_chosen(diffusers_folder, tmp_path, ours, tiny_confi
     t, text = torch.tensor([5]), ours.encode_text(["a"])
     with torch.no_grad():
         assert torch.equal(loaded.transformer(x_t, t, text), ours.transformer(x_t, t, text))
+
+
+def test_half_precision_folder_with_provenance(tokenizer, tiny_config, tmp_path):
+    model = random_model(tiny_config, tokenizer, seed=4).eval()
+    model.generation_defaults = {"steps": 16, "guidance_scale": 3.0}
+    folder = save_model(model, tmp_path / "m", dtype=torch.float16, extra={"trained": {"command": "vqdiff train ..."}})
+    weights = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    again = load_model(folder)
+    assert again.transformer.out.weight.dtype == torch.float32
+    assert torch.equal(again.transformer.out.weight, model.transformer.out.weight.half().float())
+    assert again.generation_defaults == {"steps": 16, "guidance_scale": 3.0}
+    assert json.loads((folder / "vqdiff.json").read_text())["trained"]["command"] == "vqdiff train ..."
+
+
+def test_bad_generation_defaults_are_named(tokenizer, tiny_config, tmp_path):
+    model = random_model(tiny_config, tokenizer, seed=4)
+    folder = save_model(model, tmp_path / "m")
+    (folder / "vqdiff.json").write_text(json.dumps({"generation_defaults": {"guidance_scale": 0.1}}))
+    with pytest.raises(ModelFolderError, match=r"vqdiff\.json: generation_defaults: guidance_scale: 0.1"):
+        load_model(folder)
