@@ -182,3 +182,18 @@ def test_cli_bad_model_folder(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "x", "--model", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "model_index.json: file not found" in r.stderr
+
+
+def test_cli_uses_vqdiff_model_when_no_model_is_given(tiny_model, tmp_path):
+    import os
+
+    folder = save_model(tiny_model, tmp_path / "m")
+    env = {**os.environ, "VQDIFF_MODEL": str(folder)}
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "a red circle", "-o", str(tmp_path / "o.png"),
+                        "--steps", "4", "--seed", "1", "--quiet"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "o.png").size == (16, 16)
+    env["VQDIFF_MODEL"] = str(tmp_path / "nowhere")
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "x", "--quiet"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "$VQDIFF_MODEL is not a model folder" in r.stderr

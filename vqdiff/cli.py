@@ -41,7 +41,8 @@ PARAM_FLAGS = ("guidance_scale", "truncation_rate", "sampler", "steps", "purity_
 
 
 def _add_param_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", type=Path, default=None, help="model folder (diffusers layout)")
+    s.add_argument("--model", type=Path, default=None,
+                   help="model folder (diffusers layout); default: $VQDIFF_MODEL, else the embedded model")
     s.add_argument("--steps", type=int, help="transformer forward passes")
     s.add_argument("--guidance-scale", type=float)
     s.add_argument("--sampler", help="purity | random | posterior | skip")
@@ -54,10 +55,11 @@ def _add_param_args(s: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    from model.default import default_model_dir
     from model.folder import load_model
 
     if args.model is None:
-        raise ValueError("no model given and no default model is embedded yet; pass --model DIR")
+        args.model = default_model_dir()
     return load_model(args.model, device=args.device)
 
 
