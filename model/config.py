@@ -195,7 +195,8 @@ def shapes() -> ModelConfig:
             sample_size=32,
         ),
         text_encoder=TextEncoderConfig(
-            vocab_size=512, hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=3
+            vocab_size=512, hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=3,
+            max_length=32,  # captions are at most ~20 tokens; 32 positions cut the text cost 2.4x
         ),
         diffusion=DiffusionConfig(num_classes=k),
     )

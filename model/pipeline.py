@@ -51,14 +51,14 @@ class VQDiffusion(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:
-        """(B, 77, D) normalised CLIP features, fp32."""
+        """(B, L, D) normalised CLIP features, fp32."""
         return self.text_encoder.encode(prompts).to(self.device)
 
     def null_text(self, batch: int) -> Tensor:
         """The unconditional text for B rows: the learned null if the model has one, else the empty prompt."""
         if self.null_cond is not None:
-            return self.null_cond(batch)  # (B, 77, D)
-        return self.encode_text([""] * batch)  # (B, 77, D)
+            return self.null_cond(batch)  # (B, L, D)
+        return self.encode_text([""] * batch)  # (B, L, D)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Text conditioning: prompt -> (B, 77, D) per-token CLIP features, L2-normalised per token.
+"""Text conditioning: prompt -> (B, L, D) per-token CLIP features (L = 77), L2-normalised per token.
 
 CLIP is transformers' ``CLIPTextModel``; this is only the wiring that the released model uses
 (REFERENCE.md section 5): lowercase, 77 tokens padded, overlong prompts cut to 77 KEEPING the
@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from model.config import TextEncoderConfig
-from model.tokenizer import MAX_LENGTH
 
 
 def clip_config(c: TextEncoderConfig, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -52,25 +51,27 @@ class TextEncoder(nn.Module):
             )
         self.tokenizer = tokenizer
         self.clip = clip
+        self.max_length = clip.config.max_position_embeddings  # 77 for CLIP; smaller models may use fewer
+        tokenizer.model_max_length = self.max_length
 
     @property
     def dim(self) -> int:
         return self.clip.config.hidden_size
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        """prompts -> (B, 77) token ids; an overlong prompt keeps its end-of-text token."""
+        """prompts -> (B, L) token ids (L = 77 for CLIP); an overlong prompt keeps its end-of-text token."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings")
         enc = self.tokenizer(
-            [p.lower() for p in prompts], padding="max_length", max_length=MAX_LENGTH, truncation=True,
+            [p.lower() for p in prompts], padding="max_length", max_length=self.max_length, truncation=True,
             return_tensors="pt",
         )
-        return enc["input_ids"]  # (B, 77)
+        return enc["input_ids"]  # (B, L)
 
     def forward(self, ids: Tensor) -> Tensor:
-        h = self.clip(input_ids=ids.to(self.clip.device)).last_hidden_state  # (B, 77, D)
-        return h / h.norm(dim=-1, keepdim=True)  # (B, 77, D)
+        h = self.clip(input_ids=ids.to(self.clip.device)).last_hidden_state  # (B, L, D)
+        return h / h.norm(dim=-1, keepdim=True)  # (B, L, D)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
-        return self(self.tokenize(prompts))  # (B, 77, D)
+        return self(self.tokenize(prompts))  # (B, L, D)

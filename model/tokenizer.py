@@ -19,7 +19,7 @@ MAX_LENGTH = 77
 ALPHABET = string.ascii_lowercase + string.digits + ".,;:!?'-()&/"
 
 
-def word_tokenizer(words: list[str], alphabet: str = ALPHABET) -> CLIPTokenizer:
+def word_tokenizer(words: list[str], alphabet: str = ALPHABET, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """A CLIP BPE tokenizer where each of ``words`` is a single token; other text is spelt by character."""
     bad = sorted({ch for w in words for ch in w if ch not in alphabet})
     if bad:
@@ -42,7 +42,7 @@ def word_tokenizer(words: list[str], alphabet: str = ALPHABET) -> CLIPTokenizer:
             vocab.setdefault(parts[0], len(vocab))
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def load_tokenizer(folder: Path) -> CLIPTokenizer:
@@ -64,7 +64,8 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
         raise FileNotFoundError(
             f"{folder}: no tokenizer found: expected tokenizer.json, or vocab.json and merges.txt"
         )
-    tok.model_max_length = MAX_LENGTH
+    if not 0 < tok.model_max_length <= 4096:  # unset (transformers' huge sentinel): CLIP's 77
+        tok.model_max_length = MAX_LENGTH
     return tok
 
 

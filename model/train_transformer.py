@@ -119,8 +119,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     if len(data) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(data)} images, fewer than batch_size {cfg.batch_size}")
     tokens = tokenize_dataset(model, data)  # (n, N)
-    ids = model.text_encoder.tokenize(captions)  # (n, 77)
-    empty_ids = model.text_encoder.tokenize([""])  # (1, 77)
+    ids = model.text_encoder.tokenize(captions)  # (n, L)
+    empty_ids = model.text_encoder.tokenize([""])  # (1, L)
 
     trainable = [model.null_cond] if cfg.only_null else [m for m in (model.transformer, model.text_encoder, model.null_cond) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
@@ -156,12 +156,12 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         x_t = q_sample(schedule, x0, t, generator=g)  # (B, N)
         drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
         with torch.set_grad_enabled(not cfg.only_null):
-            text = model.text_encoder(ids[idx])  # (B, 77, D)
+            text = model.text_encoder(ids[idx])  # (B, L, D)
         if cfg.null_mode == "learnable":
-            null = model.null_cond(b)  # (B, 77, D)
+            null = model.null_cond(b)  # (B, L, D)
         else:
-            null = model.text_encoder(empty_ids).expand(b, -1, -1)  # (B, 77, D)
-        cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, 77, D)
+            null = model.text_encoder(empty_ids).expand(b, -1, -1)  # (B, L, D)
+        cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, L, D)
         log_x0 = model.transformer.log_probs(x_t, t, cond)  # (B, N, K)
         loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t, pt=pt, return_terms=True)  # (B,)
         loss = loss_b.sum() / (b * c.num_tokens)

@@ -272,3 +272,16 @@ def test_bad_generation_defaults_are_named(tokenizer, tiny_config, tmp_path):
     (folder / "vqdiff.json").write_text(json.dumps({"generation_defaults": {"guidance_scale": 0.1}}))
     with pytest.raises(ModelFolderError, match=r"vqdiff\.json: generation_defaults: guidance_scale: 0.1"):
         load_model(folder)
+
+
+def test_a_shorter_text_length_round_trips(tokenizer, tiny_config, tmp_path):
+    """Small models may use fewer than CLIP's 77 text positions; the tokenizer, the text encoder
+    and the null condition all follow the text encoder's max_length."""
+    cfg = replace(tiny_config, text_encoder=replace(tiny_config.text_encoder, max_length=16))
+    model = random_model(cfg, tokenizer, seed=5)
+    assert model.text_encoder.tokenize(["a red circle", "red " * 40]).shape == (2, 16)
+    assert model.null_text(3).shape == (3, 16, 32)
+    again = load_model(save_model(model, tmp_path / "m"))
+    ids = again.text_encoder.tokenize(["red " * 40])
+    assert ids.shape == (1, 16) and ids[0, -1] == again.text_encoder.tokenizer.eos_token_id
+    assert again.null_cond.embeddings.shape == (16, 32)
