@@ -285,3 +285,20 @@ def test_a_shorter_text_length_round_trips(tokenizer, tiny_config, tmp_path):
     ids = again.text_encoder.tokenize(["red " * 40])
     assert ids.shape == (1, 16) and ids[0, -1] == again.text_encoder.tokenizer.eos_token_id
     assert again.null_cond.embeddings.shape == (16, 32)
+
+
+def test_cli_convert(diffusers_folder, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "half"
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "convert", str(diffusers_folder), str(out), "--dtype", "fp16",
+                        "--defaults", '{"steps": 16}', "--provenance", '{"by": "test"}'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = load_model(out)
+    assert m.generation_defaults == {"steps": 16}
+    assert json.loads((out / "vqdiff.json").read_text())["provenance"] == {"by": "test"}
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "convert", str(diffusers_folder), str(tmp_path / "x"),
+                        "--defaults", '{"steps": 0}'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "steps: 0" in r.stderr and not (tmp_path / "x").exists()

@@ -132,6 +132,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Image.fromarray(grid(np.concatenate(images))).save(args.grid)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from model.folder import load_model, save_model
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if args.dtype not in dtypes:
+        raise ValueError(f"--dtype: {args.dtype!r} is not allowed; expected one of {list(dtypes)}")
+    model = load_model(args.src, variant=args.variant)
+    if args.defaults:
+        model.generation_defaults = json.loads(args.defaults)
+        from model.params import GenerationParams
+
+        GenerationParams.from_dict(model.generation_defaults)  # fail now, not at the next load
+    extra = {"provenance": json.loads(args.provenance)} if args.provenance else None
+    print(save_model(model, args.dst, dtype=dtypes[args.dtype], overwrite=args.overwrite, extra=extra))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     raise ValueError("the server is not built yet (issue 5); `vqdiff generate PROMPT --model DIR` works today")
 
@@ -185,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", type=Path, help="write the images as one PNG grid")
     _add_param_args(s)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("convert", help="rewrite a model folder as safetensors (dtype, defaults, provenance)")
+    s.add_argument("src", type=Path)
+    s.add_argument("dst", type=Path)
+    s.add_argument("--dtype", default="fp32", help="on-disk precision: fp32 | fp16 | bf16")
+    s.add_argument("--variant", help="read weights of this variant (e.g. fp16)")
+    s.add_argument("--defaults", help='generation defaults as JSON, e.g. \'{"steps": 16}\'')
+    s.add_argument("--provenance", help="JSON recorded in vqdiff.json (how the model was made)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("serve", help="run the inference server (not built yet)")
     s.set_defaults(func=cmd_serve)
