@@ -1,0 +1,57 @@
+"""diffusers' own classes load the model folders this project writes, and generate from them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.default import EMBEDDED
+from model.folder import load_model, random_model, save_model
+from model.params import GenerationParams
+from model.sampler import sample
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def diffusers_pipeline(folder):
+    """VQDiffusionPipeline from a folder, component by component (REFERENCE.md section 6: its
+    from_pretrained trips over the moved LearnedClassifierFreeSamplingEmbeddings module)."""
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
+        LearnedClassifierFreeSamplingEmbeddings,
+        VQDiffusionPipeline,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return VQDiffusionPipeline(
+        vqvae=diffusers.VQModel.from_pretrained(folder, subfolder="vqvae"),
+        transformer=diffusers.Transformer2DModel.from_pretrained(folder, subfolder="transformer"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler=diffusers.VQDiffusionScheduler.from_pretrained(folder, subfolder="scheduler"),
+        learned_classifier_free_sampling_embeddings=LearnedClassifierFreeSamplingEmbeddings.from_pretrained(
+            folder, subfolder="learned_classifier_free_sampling_embeddings"),
+    ).to(torch.float32)
+
+
+def _folders(tmp_path_factory, tokenizer, tiny_config):
+    yield save_model(random_model(tiny_config, tokenizer, seed=6), tmp_path_factory.mktemp("d") / "tiny")
+    if (EMBEDDED / "model_index.json").is_file():
+        yield EMBEDDED
+
+
+def test_diffusers_pipeline_generates_from_our_folders(tmp_path_factory, tokenizer, tiny_config):
+    for folder in _folders(tmp_path_factory, tokenizer, tiny_config):
+        pipe = diffusers_pipeline(folder)
+        ours = load_model(folder)
+        prompt = "a red circle above a blue square"
+        out = pipe(prompt, num_inference_steps=100, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images
+        side = ours.config.image_size
+        assert out.shape == (1, side, side, 3) and 0 <= out.min() and out.max() <= 1
+        # the same folder read by both gives the same text features and the same guided prediction
+        with torch.no_grad():
+            emb = pipe._encode_prompt(prompt, 1, True)  # [null; text]
+            assert (emb[1:] - ours.encode_text([prompt])).abs().max() <= 1e-4
+            assert (emb[:1] - ours.null_text(1)).abs().max() <= 1e-4
+        ref = sample(ours, [prompt], GenerationParams(sampler="posterior", steps=100, seed=0, guidance_scale=3.0))
+        assert ref.images.shape == (1, 3, side, side)
