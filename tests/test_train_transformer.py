@@ -104,3 +104,19 @@ def test_null_modes(run):
         _cfg(run, "x", init="somewhere")
     with pytest.raises(ValueError, match="only_null"):
         _cfg(run, "x", only_null=True, null_mode="none")
+
+
+def test_cli_continues_training_from_a_model_folder(run):
+    import subprocess
+    import sys
+
+    root, data, _ = run
+    base = train_transformer(_cfg(run, "c0", steps=2), progress=False)
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "transformer", "--data", str(data), "--init",
+                        str(base), "--out", str(root / "c1"), "--preset", "tiny", "--steps", "2", "--batch-size", "8",
+                        "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not torch.equal(_state(base)["transformer.out.weight"], _state(root / "c1" / "model")["transformer.out.weight"])
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "transformer", "--data", str(data), "--out",
+                        str(root / "c2"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "one of the arguments --vqvae --init is required" in r.stderr

@@ -171,8 +171,8 @@ def cmd_train_transformer(args: argparse.Namespace) -> None:
 
     fine_tune = args.what == "null-cond"
     cfg = TransformerTrainConfig(
-        data=str(args.data), out=str(args.out), vqvae=None if fine_tune else str(args.vqvae),
-        init=str(args.model) if fine_tune else None, preset=args.preset, steps=args.steps,
+        data=str(args.data), out=str(args.out), vqvae=str(args.vqvae) if args.vqvae else None,
+        init=str(args.model) if args.model else None, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, null_drop=args.null_drop,
         null_mode=args.null_mode, only_null=fine_tune and args.only_null, log_every=args.log_every,
         ckpt_every=args.ckpt_every, seed=args.seed)
@@ -244,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, model/")
         if fine_tune:
             s.add_argument("--model", type=Path, required=True, help="the model folder to fine-tune")
+            s.set_defaults(vqvae=None)
             s.add_argument("--only-null", action="store_true", help="train only the learnable null")
         else:
-            s.add_argument("--vqvae", type=Path, required=True, help="OUT/vqvae of `vqdiff train vqvae`")
+            start = s.add_mutually_exclusive_group(required=True)
+            start.add_argument("--vqvae", type=Path, help="OUT/vqvae of `vqdiff train vqvae` (a fresh model)")
+            start.add_argument("--init", dest="model", type=Path, help="a model folder to continue training")
         s.add_argument("--preset", default="shapes")
         s.add_argument("--steps", type=int, default=1000 if fine_tune else 5000)
         s.add_argument("--batch-size", type=int, default=64)
