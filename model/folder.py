@@ -352,7 +352,7 @@ def save_model(
         save_component(tmp / "vqvae", vqvae_config_to_diffusers(c.vqvae), model.vqvae, dtype=dtype)
         clip = model.text_encoder.clip
         save_component(tmp / "text_encoder", clip.config.to_dict(), clip, stem="model", dtype=dtype)
-        save_tokenizer(model.text_encoder.tokenizer, tmp / "tokenizer")
+        save_tokenizer(model.text_encoder.tokenizer, tmp / "tokenizer", model.text_encoder.max_length)
         _write_json(tmp / "scheduler" / "scheduler_config.json", diffusion_config_to_diffusers(c.diffusion))
         if model.null_cond is not None:
             length, dim = model.null_cond.embeddings.shape

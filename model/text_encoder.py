@@ -52,7 +52,6 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.clip = clip
         self.max_length = clip.config.max_position_embeddings  # 77 for CLIP; smaller models may use fewer
-        tokenizer.model_max_length = self.max_length
 
     @property
     def dim(self) -> int:

@@ -8,6 +8,7 @@ vocabulary in which every given word is one token, for models trained here on a 
 
 from __future__ import annotations
 
+import copy
 import json
 import string
 from pathlib import Path
@@ -69,9 +70,12 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
     return tok
 
 
-def save_tokenizer(tok: CLIPTokenizer, folder: Path) -> None:
-    """tokenizer.json (transformers 5) plus vocab.json/merges.txt/special_tokens_map.json (older readers)."""
+def save_tokenizer(tok: CLIPTokenizer, folder: Path, max_length: int = MAX_LENGTH) -> None:
+    """tokenizer.json (transformers 5) plus vocab.json/merges.txt/special_tokens_map.json (older readers).
+    ``max_length`` (the text encoder's positions) is recorded as model_max_length; ``tok`` is not changed."""
     folder = Path(folder)
+    tok = copy.deepcopy(tok)
+    tok.model_max_length = max_length
     tok.save_pretrained(folder)
     model = json.loads((folder / "tokenizer.json").read_text())["model"]
     (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))

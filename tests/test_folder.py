@@ -302,3 +302,11 @@ def test_cli_convert(diffusers_folder, tmp_path):
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "convert", str(diffusers_folder), str(tmp_path / "x"),
                         "--defaults", '{"steps": 0}'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "steps: 0" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_saved_tokenizer_records_the_text_length(tokenizer, tiny_config, tmp_path):
+    cfg = replace(tiny_config, text_encoder=replace(tiny_config.text_encoder, max_length=16))
+    before = tokenizer.model_max_length
+    folder = save_model(random_model(cfg, tokenizer, seed=5), tmp_path / "m")
+    assert tokenizer.model_max_length == before  # the caller's tokenizer is left alone
+    assert load_tokenizer(folder / "tokenizer").model_max_length == 16  # what diffusers' pipeline pads to
