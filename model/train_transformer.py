@@ -16,6 +16,7 @@ rewritten at every checkpoint, so a stopped run still leaves a usable model.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +48,7 @@ class TransformerTrainConfig:
     batch_size: int = 64
     lr: float = 5e-4
     warmup: int = 200
+    min_lr: float | None = None  # None: constant after warmup; else cosine decay to min_lr at `steps`
     weight_decay: float = 0.01
     null_drop: float = 0.1  # probability that a caption is replaced by the null condition
     null_mode: str = "learnable"
@@ -62,6 +64,8 @@ class TransformerTrainConfig:
             raise ValueError(f"null_drop: {self.null_drop} is not allowed; expected a number in [0, 1]")
         if (self.vqvae is None) == (self.init is None):
             raise ValueError("give exactly one of vqvae (a fresh model) and init (a model folder to continue)")
+        if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: {self.min_lr} is not allowed; expected a number in [0, lr={self.lr}]")
         if self.only_null and self.null_mode != "learnable":
             raise ValueError("only_null trains the learnable null: it needs null_mode 'learnable'")
 
@@ -74,6 +78,16 @@ def caption_words(captions: list[str]) -> list[str]:
             if w and all(ch in ALPHABET for ch in w):
                 words.setdefault(w)
     return list(words)
+
+
+def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
+    """Learning rate / cfg.lr at ``step``: linear warmup, then constant or cosine down to min_lr."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.min_lr is None or step < cfg.warmup:
+        return warm
+    done = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion:
@@ -129,7 +143,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     importance = ImportanceSampler(model.config.diffusion.num_timesteps)
     step = 0
     if ckpt is not None:

@@ -120,3 +120,17 @@ def test_cli_continues_training_from_a_model_folder(run):
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "transformer", "--data", str(data), "--out",
                         str(root / "c2"), "--quiet"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "one of the arguments --vqvae --init is required" in r.stderr
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    from model.train_transformer import lr_factor
+
+    constant = TransformerTrainConfig(data="d", out="o", vqvae="v", steps=100, lr=1e-3, warmup=10)
+    cosine = TransformerTrainConfig(data="d", out="o", vqvae="v", steps=100, lr=1e-3, warmup=10, min_lr=1e-4)
+    assert lr_factor(constant, 0) == pytest.approx(0.1) and lr_factor(constant, 99) == 1.0
+    assert lr_factor(cosine, 0) == pytest.approx(0.1) and lr_factor(cosine, 10) == pytest.approx(1.0)
+    values = [lr_factor(cosine, s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone after warmup
+    assert lr_factor(cosine, 100) == pytest.approx(0.1)  # min_lr / lr
+    with pytest.raises(ValueError, match="min_lr"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", lr=1e-3, min_lr=2e-3)

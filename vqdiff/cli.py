@@ -173,7 +173,7 @@ def cmd_train_transformer(args: argparse.Namespace) -> None:
     cfg = TransformerTrainConfig(
         data=str(args.data), out=str(args.out), vqvae=str(args.vqvae) if args.vqvae else None,
         init=str(args.model) if args.model else None, preset=args.preset, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, null_drop=args.null_drop,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr=args.min_lr, null_drop=args.null_drop,
         null_mode=args.null_mode, only_null=fine_tune and args.only_null, log_every=args.log_every,
         ckpt_every=args.ckpt_every, seed=args.seed)
     print(train_transformer(cfg, progress=not args.quiet))
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--batch-size", type=int, default=64)
         s.add_argument("--lr", type=float, default=1e-4 if fine_tune else 5e-4)
         s.add_argument("--warmup", type=int, default=50 if fine_tune else 200)
+        s.add_argument("--min-lr", type=float, help="cosine-decay the learning rate to this at --steps (default: constant)")
         s.add_argument("--null-drop", type=float, default=0.1, help="rate at which a caption becomes the null")
         s.add_argument("--null-mode", default="learnable", help="learnable | empty | none")
         s.add_argument("--ckpt-every", type=int, default=250)
