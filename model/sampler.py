@@ -87,17 +87,23 @@ class RequestState:
         }
 
 
+def batch_text_kv(states: list[RequestState]) -> Tensor:
+    """(layers, 2, 2B, H, L, Dh): the cond rows of all requests, then their uncond rows. Fixed while
+    the batch's membership is, so a caller stepping the same requests again may keep it."""
+    return torch.cat([s.text_kv[:, :, :1] for s in states] + [s.text_kv[:, :, 1:] for s in states], dim=2)
+
+
 @torch.no_grad()
-def advance(transformer, schedule: Schedule, states: list[RequestState]) -> StepOutput:
-    """One step for every request in ``states`` (none may be done): one forward of 2B rows."""
+def advance(transformer, schedule: Schedule, states: list[RequestState], text_kv: Tensor | None = None) -> StepOutput:
+    """One step for every request in ``states`` (none may be done): one forward of 2B rows.
+    ``text_kv``: ``batch_text_kv(states)`` if the caller has it already."""
     if not states or any(s.done for s in states):
         raise ValueError("advance needs a non-empty list of unfinished requests")
     device = states[0].tokens.device
     b = len(states)
     x = torch.stack([s.tokens for s in states])  # (B, N)
     t = torch.tensor([s.plan.timesteps[s.step] for s in states], device=device)  # (B,)
-    # (layers, 2, 2B, H, L, Dh): the cond rows of all requests, then their uncond rows
-    kv = torch.cat([s.text_kv[:, :, :1] for s in states] + [s.text_kv[:, :, 1:] for s in states], dim=2)
+    kv = batch_text_kv(states) if text_kv is None else text_kv  # (layers, 2, 2B, H, L, Dh)
     logits = transformer(torch.cat([x, x]), torch.cat([t, t]), text_kv=kv)  # (2B, N, K)
     out = denoise_step(logits[:b], logits[b:], x, BatchParams.build([s.row() for s in states], device), schedule)
     for i, s in enumerate(states):

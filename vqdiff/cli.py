@@ -153,7 +153,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    raise ValueError("the server is not built yet (issue 5); `vqdiff generate PROMPT --model DIR` works today")
+    from server.main import serve
+    from server.settings import Settings
+
+    settings = Settings.from_env(
+        model=args.model, host=args.host, http_port=args.port, grpc_port=args.grpc_port, device=args.device,
+        dtype=args.dtype, max_rows=args.max_rows, max_waiting=args.max_waiting,
+        request_timeout_s=args.request_timeout, grace_s=args.grace,
+        api_keys=args.api_keys.split(",") if args.api_keys else None)
+    serve(settings)
 
 
 def cmd_train_vqvae(args: argparse.Namespace) -> None:
@@ -216,7 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("serve", help="run the inference server (not built yet)")
+    s = sub.add_parser("serve", help="run the inference server: HTTP (default port 8000) and gRPC (50051)",
+                       description="Every flag also reads from VQDIFF_<NAME> (e.g. VQDIFF_MAX_ROWS); flags win.")
+    s.add_argument("--model", type=Path, help="model folder; default: $VQDIFF_MODEL, else the embedded model")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 disables gRPC)")
+    s.add_argument("--device", help="cpu | cuda | cuda:N")
+    s.add_argument("--dtype", help="transformer compute dtype: fp32 | bf16 | fp16")
+    s.add_argument("--max-rows", type=int, help="rows per forward, 2 per image (default 64)")
+    s.add_argument("--max-waiting", type=int, help="queued requests beyond the batch before 429 (default 256)")
+    s.add_argument("--request-timeout", type=float, help="per-request deadline in seconds (default 300)")
+    s.add_argument("--grace", type=float, help="seconds running requests get on SIGTERM (default 30)")
+    s.add_argument("--api-keys", help="comma-separated keys; none: no authentication")
     s.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="training entry points (resumable)").add_subparsers(dest="what", required=True)

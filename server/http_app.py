@@ -1,0 +1,187 @@
+"""The HTTP API (FastAPI). Handlers validate, translate, call the engine through ``EventStream``,
+and serialise; every error leaves as ``{"error": {message, type, param, code}}``."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.sampler import default_params
+from server.aio import EventStream
+from server.engine import Draining, Engine, QueueFull
+from server.errors import ApiError, from_failure, from_submit, invalid, unauthenticated, unavailable
+from server.request import Failure, Progress, Request, Result
+from server.schemas import (
+    ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
+)
+from server.settings import Settings
+
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+POLL_S = 0.1  # how often a waiting plain request checks whether its client is still there
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 422, 429, 500, 503, 504)}
+
+
+def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
+    app = FastAPI(title="vqdiff", version="0.1.0",
+                  description="Improved VQ-Diffusion text-to-image server (HTTP API; gRPC on its own port)")
+    defaults = default_params(engine.model)
+
+    # -- errors --------------------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        if not e.counted and e.status in (401, 422):
+            engine.metrics.count("invalid" if e.status == 422 else "unauthenticated")
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request body")
+        engine.metrics.count("invalid")
+        return JSONResponse(invalid(message, param).body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request_error")
+        return JSONResponse({"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}},
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    async def authorize(request: HttpRequest) -> None:
+        if not settings.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in settings.api_keys):
+            raise unauthenticated()
+
+    # -- probes, metrics, models, the page -----------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not engine.ready:
+            raise unavailable("not ready: the server is starting or draining")
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{**model_info, "object": "model", "owned_by": "vqdiff",
+                                            "default_params": defaults.to_dict()}]}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(WEB_PAGE.read_text() if WEB_PAGE.is_file() else "<p>vqdiff: no web page built</p>")
+
+    # -- generation ----------------------------------------------------------------------------------
+
+    def build(body: GenerateRequest) -> Request:
+        try:
+            params = body.params(defaults)
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        if body.preview_every is not None and body.preview_every < 0:
+            raise invalid(f"preview_every: {body.preview_every} is not allowed; expected an integer >= 0")
+        preview = 0
+        if body.stream:
+            preview = body.preview_every if body.preview_every is not None else settings.preview_every or max(1, params.steps // 8)
+        return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview)
+
+    async def run(http: HttpRequest, req: Request) -> Result:
+        """Submit and wait for the result; a client that disconnects cancels the request."""
+        async with open_stream(req) as events:
+            while True:
+                event = await events.next(POLL_S)
+                if event is None:
+                    if await http.is_disconnected():
+                        return None  # __aexit__ cancels the request
+                    continue
+                if isinstance(event, Failure):
+                    raise from_failure(event.status, event.message)
+                if isinstance(event, Result):
+                    return event
+
+    def open_stream(req: Request) -> EventStream:
+        return _Submitting(engine, req)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=[Depends(authorize)])
+    async def generate(body: GenerateRequest, http: HttpRequest):
+        req = build(body)
+        if body.stream:
+            return StreamingResponse(sse(req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        result = await run(http, req)
+        if result is None:
+            return Response(status_code=499)
+        if "image/png" in http.headers.get("accept", "") and body.n == 1:
+            return Response(result.images[0], media_type="image/png",
+                            headers={"X-Request-Id": req.id, "X-Seed": str(result.seeds[0])})
+        return GenerateResponse.of(req.id, result)
+
+    async def sse(req: Request):
+        """Progress events with previews, heartbeats while nothing happens, then one final event."""
+        try:
+            async with open_stream(req) as events:
+                yield f"event: queued\ndata: {json.dumps({'id': req.id, 'seed': req.params.seed})}\n\n"
+                while True:
+                    event = await events.next(settings.heartbeat_s)
+                    if event is None:
+                        yield ": heartbeat\n\n"
+                    elif isinstance(event, Progress):
+                        data = {"id": req.id, "step": event.step, "total": event.total, "unmasked": event.unmasked,
+                                "previews": [b64(p) for p in event.previews]}
+                        yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+                    elif isinstance(event, Result):
+                        yield f"event: result\ndata: {GenerateResponse.of(req.id, event).model_dump_json()}\n\n"
+                        return
+                    else:
+                        yield f"event: error\ndata: {json.dumps(from_failure(event.status, event.message).body())}\n\n"
+                        return
+        except ApiError as e:  # refused at submission: the stream carries the error
+            yield f"event: error\ndata: {json.dumps(e.body())}\n\n"
+
+    @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=ERRORS,
+              dependencies=[Depends(authorize)])
+    async def openai_images(body: OpenAIImageRequest, http: HttpRequest):
+        size = f"{model_info['image_size']}x{model_info['image_size']}"
+        if body.size not in (None, "auto", size):
+            raise invalid(f"size: {body.size!r} is not allowed; this model draws {size}", "size")
+        if body.response_format not in (None, "b64_json"):
+            raise invalid(f"response_format: {body.response_format!r} is not supported; use 'b64_json'",
+                          "response_format")
+        if body.model not in (None, model_info["id"]):
+            raise invalid(f"model: {body.model!r} is not served here; this server runs {model_info['id']!r}", "model")
+        req = Request(prompt=body.prompt, params=defaults, n=body.n if body.n is not None else 1)
+        result = await run(http, req)
+        if result is None:
+            return Response(status_code=499)
+        return OpenAIImagesResponse(created=int(time.time()), data=[OpenAIImage(b64_json=b64(p)) for p in result.images])
+
+    return app
+
+
+class _Submitting(EventStream):
+    """``EventStream`` whose refusals (bad input, queue full, draining) are API errors."""
+
+    async def __aenter__(self):
+        try:
+            return await super().__aenter__()
+        except (ValueError, QueueFull, Draining) as e:
+            raise from_submit(e) from None

@@ -1,0 +1,131 @@
+"""``vqdiff serve``: load the model, start the engine, and serve HTTP (uvicorn) and gRPC from one
+asyncio loop in one process.
+
+SIGTERM / SIGINT start a graceful drain: readiness turns 503 (gRPC health NOT_SERVING), new
+requests are refused, queued and running requests finish within ``grace_s``; then both servers
+stop and the process exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from server.engine import Engine
+from server.settings import Settings
+
+log = logging.getLogger("vqdiff.server")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_info(model, folder: Path) -> dict:
+    c = model.config
+    return {
+        "id": folder.name, "path": str(folder), "image_size": c.image_size,
+        "tokens": [c.transformer.height, c.transformer.width], "codebook_size": c.transformer.num_embed,
+        "num_timesteps": c.transformer.num_timesteps, "learnable_null": c.learnable_null,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def load(settings: Settings):
+    from model.default import default_model_dir
+    from model.folder import load_model
+
+    folder = settings.model or default_model_dir()
+    model = load_model(folder, device=settings.device, dtype=DTYPES[settings.dtype])
+    return model, Path(folder).resolve()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: this process drains first, then stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class Server:
+    """The engine and both front ends of one process. ``run`` serves until ``stop`` is set (or a
+    signal arrives), then drains."""
+
+    def __init__(self, settings: Settings, model=None, folder: Path | None = None):
+        if model is None:
+            model, folder = load(settings)
+        self.settings = settings
+        self.info = model_info(model, Path(folder or "model"))
+        self.engine = Engine(model, settings, model_name=self.info["id"])
+
+    async def run(self, started: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+        from server.http_app import create_app
+
+        settings, engine, info = self.settings, self.engine.start(), self.info
+        app = create_app(engine, settings, info)
+        http = _Uvicorn(uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="info",
+                                       timeout_graceful_shutdown=max(1, int(settings.grace_s)), lifespan="off"))
+        grpc_server = None
+        if settings.grpc_port:
+            from server.grpc_app import start_grpc
+
+            grpc_server = await start_grpc(engine, settings, info)
+
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: stopping now")
+                http.force_exit = True
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(sig, on_signal)
+
+        http_task = asyncio.create_task(http.serve())
+        while not http.started and not http_task.done():
+            await asyncio.sleep(0.02)
+        if http_task.done():  # uvicorn could not start (the port is taken, ...)
+            if grpc_server is not None:
+                await grpc_server.stop(grace=0)
+            await asyncio.to_thread(engine.shutdown, 0.0)
+            http_task.result()
+            raise RuntimeError(f"the HTTP server did not start on {settings.host}:{settings.http_port}")
+        log.info("serving %s: HTTP on %s:%d%s", info["id"], settings.host, settings.http_port,
+                 f", gRPC on {settings.grpc_port}" if grpc_server else "")
+        if started is not None:
+            started.set()
+
+        await stop.wait()
+        log.info("draining: up to %.0f s for %d running and %d queued requests", settings.grace_s,
+                 len(engine.scheduler.running), len(engine.scheduler.waiting))
+        engine.drain()
+        if grpc_server is not None:
+            grpc_server.set_not_serving()
+        await asyncio.to_thread(engine.wait_idle, settings.grace_s)
+        # every accepted request has its final event now (or is past the grace period)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
+        http.should_exit = True
+        await http_task
+        await asyncio.to_thread(engine.shutdown, 0.0)
+        log.info("stopped")
+
+
+async def serve_async(settings: Settings, model=None, folder: Path | None = None,
+                      started: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    await Server(settings, model, folder).run(started, stop)
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(Server(settings).run())

@@ -1,0 +1,107 @@
+"""Wire types of the HTTP API (pydantic). Translation to the engine's types lives here too, so the
+handlers stay thin. Field names are the paper's and the engine's; unknown fields are an error."""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from model.params import GenerationParams
+from server.request import Result
+
+Number = StrictFloat | StrictInt
+
+PARAM_FIELDS = ("steps", "guidance_scale", "truncation_rate", "sampler", "purity_weight", "seed", "uncond")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr = Field(description="The text to draw.")
+    negative_prompt: Optional[StrictStr] = Field(None, description="Text to steer away from (the uncond branch).")
+    n: StrictInt = Field(1, description="Images; image i uses seed + i.")
+    seed: Optional[StrictInt] = Field(None, description="0..2^63-1; omitted: the server picks one and returns it.")
+    steps: Optional[StrictInt] = Field(None, description="Transformer forward passes.")
+    guidance_scale: Optional[Number] = Field(None, description="1 = no guidance (released convention).")
+    truncation_rate: Optional[Number] = Field(None, description="Keep the most likely classes up to this mass.")
+    sampler: Optional[Literal["purity", "random", "posterior", "skip"]] = None
+    purity_weight: Optional[Number] = Field(None, description="r of Eq. 11 (purity sampler).")
+    uncond: Optional[Literal["auto", "null", "empty", "negative"]] = None
+    stream: StrictBool = Field(False, description="Server-Sent Events: progress with previews, then the result.")
+    preview_every: Optional[StrictInt] = Field(None, description="Steps between streamed previews (stream only).")
+
+    def params(self, defaults: GenerationParams) -> GenerationParams:
+        given = {k: getattr(self, k) for k in PARAM_FIELDS if getattr(self, k) is not None}
+        if self.negative_prompt is not None:
+            given["negative_prompt"] = self.negative_prompt
+        return GenerationParams.from_dict(given, defaults)
+
+
+class Image(BaseModel):
+    b64_json: str
+
+
+class TimingsOut(BaseModel):
+    queue_ms: float
+    denoise_ms: float
+    decode_ms: float
+    total_ms: float
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    seed: int
+    images: list[Image]
+    timings: TimingsOut
+    params: dict
+
+    @classmethod
+    def of(cls, req_id: str, result: Result) -> GenerateResponse:
+        t = result.timings
+        return cls(
+            id=req_id, seed=result.seeds[0], images=[Image(b64_json=b64(p)) for p in result.images],
+            timings=TimingsOut(queue_ms=t.queue_ms, denoise_ms=t.denoise_ms, decode_ms=t.decode_ms, total_ms=t.total_ms),
+            params=result.params.to_dict())
+
+
+class OpenAIImageRequest(BaseModel):
+    """The OpenAI Images API request (``POST /v1/images/generations``); fields this model cannot
+    honour are accepted only at the values it can."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr
+    model: Optional[StrictStr] = None
+    n: Optional[StrictInt] = 1
+    size: Optional[StrictStr] = None  # "WxH"; must be the model's image size
+    response_format: Optional[StrictStr] = "b64_json"
+    quality: Optional[StrictStr] = None
+    style: Optional[StrictStr] = None
+    user: Optional[StrictStr] = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: Optional[str] = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
