@@ -1,0 +1,234 @@
+"""The gRPC API (``grpc.aio``): ``vqdiff.v1.ImageGeneration`` (proto/vqdiff/v1/generate.proto), the
+standard health service and server reflection, on one port.
+
+Handlers are thin, like the HTTP ones: check the API key, translate the proto message to a
+``Request`` (the same defaults and validation as ``POST /v1/generate``), run it through
+``EventStream``, translate the events back. Every ``ApiError`` leaves as ``context.abort`` with its
+gRPC code. A client that cancels (or whose deadline passes) gets its handler task cancelled; leaving
+the ``async with EventStream`` block then cancels the request, which frees its batch slot at the
+next step and counts as ``outcome="cancelled"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from model.params import SAMPLERS, SEED_MAX, UNCONDS, GenerationParams
+from model.sampler import default_params
+from server.aio import EventStream
+from server.engine import Draining, Engine, QueueFull
+from server.errors import ApiError, from_failure, from_submit, invalid, unauthenticated
+from server.proto_gen.vqdiff.v1 import generate_pb2 as pb
+from server.proto_gen.vqdiff.v1 import generate_pb2_grpc
+from server.request import Failure, Progress, Request, Result
+from server.settings import Settings
+
+log = logging.getLogger("vqdiff.grpc")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ImageGeneration"].full_name  # "vqdiff.v1.ImageGeneration"
+# optional proto fields that map 1:1 onto GenerationParams fields of the same name
+SCALAR_PARAMS = ("negative_prompt", "seed", "steps", "guidance_scale", "truncation_rate", "purity_weight")
+
+
+def _enum_names(enum, prefix: str, allowed: tuple[str, ...]) -> dict[int, str]:
+    """{SAMPLER_PURITY: "purity", ...}; fails at import if the proto and model/params.py disagree."""
+    names = {v: k.removeprefix(prefix).lower() for k, v in enum.items() if v != 0}
+    if sorted(names.values()) != sorted(allowed):
+        raise RuntimeError(f"{enum.DESCRIPTOR.full_name} has {sorted(names.values())} but the engine knows "
+                           f"{sorted(allowed)}: update proto/vqdiff/v1/generate.proto and run proto/generate.sh")
+    return names
+
+
+SAMPLER_NAMES = _enum_names(pb.Sampler, "SAMPLER_", SAMPLERS)
+UNCOND_NAMES = _enum_names(pb.Uncond, "UNCOND_", UNCONDS)
+SAMPLER_VALUES = {s: v for v, s in SAMPLER_NAMES.items()}
+UNCOND_VALUES = {s: v for v, s in UNCOND_NAMES.items()}
+
+
+# -- proto <-> engine types ----------------------------------------------------------------------------
+
+
+def to_params(msg: pb.GenerateRequest, defaults: GenerationParams) -> GenerationParams:
+    """The request's parameters over ``defaults``; unset fields (and UNSPECIFIED enums) keep the
+    default. Raises ``ApiError`` (INVALID_ARGUMENT) naming the field."""
+    given = {name: getattr(msg, name) for name in SCALAR_PARAMS if msg.HasField(name)}
+    for name, enum, names in (("sampler", pb.Sampler, SAMPLER_NAMES), ("uncond", pb.Uncond, UNCOND_NAMES)):
+        value = getattr(msg, name)  # an int; proto3 enums are open, so unknown numbers arrive too
+        if value == 0:
+            continue
+        if value not in names:
+            raise invalid(f"{name}: {value} is not a known value; expected one of "
+                          f"{[k for k, v in enum.items() if v != 0]}", name)
+        given[name] = names[value]
+    try:
+        return GenerationParams.from_dict(given, defaults)
+    except ValueError as e:
+        raise invalid(str(e)) from None
+
+
+def to_request(msg: pb.GenerateRequest, defaults: GenerationParams, settings: Settings, stream: bool,
+               timeout_s: float | None) -> Request:
+    params = to_params(msg, defaults)
+    preview = 0  # previews only travel on streams
+    if stream:
+        preview = msg.preview_every if msg.HasField("preview_every") else settings.preview_every or max(1, params.steps // 8)
+    return Request(prompt=msg.prompt, params=params, n=msg.n if msg.HasField("n") else 1, preview_every=preview,
+                   timeout_s=timeout_s)
+
+
+def params_pb(p: GenerationParams) -> pb.GenerationParams:
+    return pb.GenerationParams(
+        guidance_scale=p.guidance_scale, uncond=UNCOND_VALUES[p.uncond], negative_prompt=p.negative_prompt,
+        truncation_rate=p.truncation_rate, sampler=SAMPLER_VALUES[p.sampler], steps=p.steps,
+        purity_weight=p.purity_weight, seed=p.seed)
+
+
+def response_pb(req_id: str, r: Result) -> pb.GenerateResponse:
+    t = r.timings
+    return pb.GenerateResponse(
+        id=req_id, seed=r.seeds[0], images=[pb.Image(png=png, seed=s) for png, s in zip(r.images, r.seeds)],
+        timings=pb.Timings(queue_ms=t.queue_ms, denoise_ms=t.denoise_ms, decode_ms=t.decode_ms, total_ms=t.total_ms),
+        params=params_pb(r.params))
+
+
+def progress_pb(p: Progress, seeds: list[int]) -> pb.Progress:
+    return pb.Progress(step=p.step, total=p.total, unmasked=p.unmasked,
+                       previews=[pb.Image(png=png, seed=s) for png, s in zip(p.previews, seeds)])
+
+
+# -- the service -----------------------------------------------------------------------------------------
+
+
+class _Submitting(EventStream):
+    """``EventStream`` whose refusals (bad input, queue full, draining) are API errors."""
+
+    async def __aenter__(self):
+        try:
+            return await super().__aenter__()
+        except (ValueError, QueueFull, Draining) as e:
+            raise from_submit(e) from None
+
+
+class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine, self.settings = engine, settings
+        self.defaults = default_params(engine.model)
+
+    async def Generate(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        try:
+            req = self._request(msg, context, stream=False)
+            async with _Submitting(self.engine, req) as events:
+                while True:
+                    event = await events.next()
+                    if isinstance(event, Result):
+                        return response_pb(req.id, event)
+                    if isinstance(event, Failure):
+                        raise from_failure(event.status, event.message)
+        except ApiError as e:
+            await self._abort(context, e)
+
+    async def GenerateStream(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # context.write rather than an async generator: a cancelled call then cancels this coroutine
+        # at once (an abandoned generator would only be closed when garbage-collected)
+        try:
+            req = self._request(msg, context, stream=True)
+            async with _Submitting(self.engine, req) as events:
+                seeds = [(req.params.seed + i) % (SEED_MAX + 1) for i in range(req.n)]  # resolved by submit
+                while True:
+                    event = await events.next()
+                    if isinstance(event, Progress):
+                        await context.write(pb.GenerateStreamResponse(progress=progress_pb(event, seeds)))
+                    elif isinstance(event, Result):
+                        await context.write(pb.GenerateStreamResponse(result=response_pb(req.id, event)))
+                        return
+                    elif isinstance(event, Failure):
+                        raise from_failure(event.status, event.message)
+        except ApiError as e:
+            await self._abort(context, e)
+
+    def _request(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool) -> Request:
+        self._authorize(context)
+        # the client's deadline bounds the engine's (which is also capped by request_timeout_s)
+        return to_request(msg, self.defaults, self.settings, stream, timeout_s=context.time_remaining())
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.settings.api_keys:
+            return
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.settings.api_keys):
+            raise unauthenticated()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, e: ApiError) -> None:
+        if not e.counted and e.grpc_code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
+            self.engine.metrics.count("invalid" if e.grpc_code == grpc.StatusCode.INVALID_ARGUMENT else "unauthenticated")
+        # the HTTP headers (Retry-After, WWW-Authenticate) travel as trailing metadata
+        await context.abort(e.grpc_code, e.message, tuple((k.lower(), v) for k, v in e.headers.items()))
+
+
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1 where "" and the service answer NOT_SERVING whenever the engine is not ready
+    (starting, draining, stopped), not only after ``set_not_serving``."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+        self.stopping = False
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        if request.service in ("", SERVICE) and (self.stopping or not self.engine.ready):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await super().Check(request, context)
+
+
+class GrpcServer:
+    """What ``start_grpc`` returns: the running server, its bound port, and the shutdown steps."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: _Health, port: int):
+        self.server, self.health, self.port = server, health_servicer, port
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+
+    def set_not_serving(self) -> None:
+        """Health turns NOT_SERVING for every service from now on (Check at once, Watch streams as soon
+        as the loop runs). Callable from any thread."""
+        self.health.stopping = True
+
+        def notify() -> None:
+            task = self._loop.create_task(self.health.enter_graceful_shutdown())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._loop.call_soon_threadsafe(notify)
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new RPCs, give those in flight ``grace`` seconds, then cancel them."""
+        self.health.stopping = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_grpc(engine: Engine, settings: Settings, info: dict) -> GrpcServer:
+    """Serve gRPC on ``settings.host:settings.grpc_port`` (port 0 picks a free one: see ``.port``)."""
+    server = grpc.aio.server()
+    generate_pb2_grpc.add_ImageGenerationServicer_to_server(ImageGeneration(engine, settings), server)
+    health_servicer = _Health(engine)
+    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises on a taken port; older versions returned 0
+        raise RuntimeError(f"gRPC: cannot listen on {address}: {e}") from None
+    if port == 0:
+        raise RuntimeError(f"gRPC: cannot listen on {address}")
+    await server.start()
+    log.info("gRPC: %s on %s:%d (model %s)", SERVICE, settings.host, port, info.get("id"))
+    return GrpcServer(server, health_servicer, port)

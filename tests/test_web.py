@@ -1,0 +1,188 @@
+"""The web page (``GET /``) in headless Chromium against the real server (tiny random model, HTTP
+only): a prompt streams previews into the page until the final image; a bad value shows the API's
+error; Stop aborts the stream and the server cancels the request. Skipped without Chromium, except under CI, where a missing browser fails the run."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    sync_playwright = None
+if CHROMIUM is None or sync_playwright is None:
+    missing = "chromium" if CHROMIUM is None else "the playwright package"
+    if os.environ.get("CI"):
+        pytest.fail(f"{missing} is not installed; CI must run the browser test", pytrace=False)
+    pytest.skip(f"{missing} is not installed", allow_module_level=True)
+
+from model.folder import random_model
+from server.main import serve_async
+from server.settings import Settings
+
+TIMEOUT_MS = 10_000
+SLOW = threading.Event()  # while set, every transformer forward takes 50 ms more: a run long enough to stop
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer, tiny_config):
+    """The real server (engine + HTTP) on its own event loop in a thread; yields its base URL."""
+    model = random_model(tiny_config, tokenizer, seed=3).eval()
+    with torch.no_grad():  # confident, varied predictions, as in test_sampler's tiny_model
+        model.transformer.out.weight.mul_(40.0)
+        model.null_cond.embeddings.normal_()
+    model.transformer.register_forward_pre_hook(lambda *_: time.sleep(0.05) if SLOW.is_set() else None)
+    settings = Settings(host="127.0.0.1", http_port=_free_port(), grpc_port=0, grace_s=1.0)
+    loop = asyncio.new_event_loop()
+    started, stop = asyncio.Event(), asyncio.Event()
+    ready = threading.Event()  # set once serving, or once serve_async has failed
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        asyncio.create_task(started.wait()).add_done_callback(lambda _: ready.set())
+        await serve_async(settings, model=model, folder=Path("tiny"), started=started, stop=stop)
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(main())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(e)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=run, name="vqdiff-server", daemon=True)
+    thread.start()
+    assert ready.wait(30), "the server did not start within 30 s"
+    if errors:
+        raise errors[0]
+    yield f"http://127.0.0.1:{settings.http_port}"
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(timeout=15)
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server + "/")
+    expect(page.locator("#steps")).not_to_have_value("")  # defaults from /v1/models are in
+    yield page
+    context.close()
+
+
+def _png(data_url: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert data_url.startswith(prefix), data_url[:40]
+    return Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix):])))
+
+
+def _sse_result(body: bytes) -> dict:
+    """The data of the stream's ``result`` event."""
+    for block in body.decode().split("\n\n"):
+        lines = block.split("\n")
+        if "event: result" in lines:
+            return json.loads("".join(line[len("data: "):] for line in lines if line.startswith("data: ")))
+    raise AssertionError(f"no result event in the stream: {body[:200]!r}")
+
+
+def test_generate_streams_previews_then_the_image(page, tiny_config):
+    page.fill("#prompt", "a red circle above a blue square")
+    page.fill("#steps", "8")
+    page.fill("#preview_every", "2")
+    # every src the image takes, in order (oldValue: several changes may land in one callback)
+    page.evaluate("""() => {
+        window.srcs = [];
+        new MutationObserver(records => { for (const r of records) window.srcs.push(r.target.getAttribute("src")); })
+            .observe(document.getElementById("preview"), {attributes: true, attributeFilter: ["src"]});
+    }""")
+    with page.expect_response(lambda r: r.url.endswith("/v1/generate")) as response:
+        page.click("#generate")
+    expect(page.locator("#preview.final")).to_be_visible()
+    expect(page.locator("#generate")).to_be_enabled()  # the stream is read to its end
+
+    assert page.eval_on_selector("#progress", "e => [e.value, e.max]") == [8, 8]
+    expect(page.locator("#status")).to_contain_text("step 8/8")
+    expect(page.locator("#error")).to_be_empty()
+    srcs = page.evaluate("window.srcs")
+    final = page.get_attribute("#preview", "src")
+    previews = [s for s in srcs if s != final]
+    assert len(set(previews)) >= 3, f"{len(previews)} previews, {len(set(previews))} distinct"  # steps 2, 4, 6
+    size = tiny_config.image_size
+    for url in {*previews, final}:
+        image = _png(url)
+        assert image.format == "PNG" and image.size == (size, size)
+
+    result = _sse_result(response.value.body())
+    assert final == "data:image/png;base64," + result["images"][0]["b64_json"]
+    assert page.text_content("#seed_out") == str(result["seed"])
+    assert "total" in page.text_content("#timings")
+
+
+def test_invalid_steps_shows_the_api_error(page):
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "0")
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("steps")
+    expect(page.locator("#error")).to_contain_text("not allowed")
+    expect(page.locator("#status")).to_have_text("failed")
+    assert page.get_attribute("#preview", "src") is None
+
+
+def _cancelled(page, server) -> float:
+    metrics = page.request.get(server + "/metrics").text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vqdiff_requests_total{") and 'outcome="cancelled"' in line)
+
+
+def test_stop_aborts_the_stream_and_the_server_cancels(page, server):
+    before = _cancelled(page, server)
+    page.fill("#prompt", "a green triangle")
+    page.fill("#steps", "64")
+    page.fill("#preview_every", "1")
+    SLOW.set()  # 64 steps take > 3 s: Stop lands mid-run
+    try:
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("step ")
+        expect(page.locator("#stop")).to_be_enabled()
+        page.click("#stop")
+        expect(page.locator("#status")).to_have_text("stopped")
+        expect(page.locator("#generate")).to_be_enabled()
+        expect(page.locator("#stop")).to_be_disabled()
+        expect(page.locator("#error")).to_be_empty()
+        assert page.locator("#preview.final").count() == 0
+        deadline = time.monotonic() + 5
+        while _cancelled(page, server) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _cancelled(page, server) == before + 1, "the server did not cancel the aborted request"
+    finally:
+        SLOW.clear()
