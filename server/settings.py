@@ -21,10 +21,12 @@ class Settings:
     http_port: int = 8000
     grpc_port: int = 50051  # 0 disables gRPC
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
-    dtype: str = "fp32"  # the transformer's compute dtype: fp32 | bf16 | fp16
+    # the transformer's compute dtype: fp32 | bf16 | fp16 | auto (bf16 on CUDA and on CPUs with bf16
+    # matrix units (AMX / AVX512-BF16), else fp32)
+    dtype: str = "auto"
     max_rows: int = 64  # rows per transformer forward; an image takes 2 (cond + uncond)
     max_waiting: int = 256  # requests queued beyond the running batch; more get 429
-    max_images: int = 8  # n per request
+    max_images: int | None = None  # n per request; None: min(8, max_rows / 2)
     max_prompt_chars: int = 2000
     request_timeout_s: float = 300.0  # per-request deadline, queueing included
     preview_every: int = 0  # default preview interval for streams (steps); 0: the server picks
@@ -34,13 +36,16 @@ class Settings:
     api_keys: tuple[str, ...] = field(default=())  # none: no authentication
 
     def __post_init__(self) -> None:
+        if self.max_images is None and isinstance(self.max_rows, int):
+            object.__setattr__(self, "max_images", min(8, max(1, self.max_rows // 2)))
+
         def check(name: str, ok: bool, expected: str) -> None:
             if not ok:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: {getattr(self, name)!r} is not allowed; expected {expected}")
 
         check("http_port", 0 < self.http_port < 65536, "a port in 1..65535")
         check("grpc_port", 0 <= self.grpc_port < 65536, "a port in 0..65535 (0 disables gRPC)")
-        check("dtype", self.dtype in ("fp32", "bf16", "fp16"), "fp32 | bf16 | fp16")
+        check("dtype", self.dtype in ("fp32", "bf16", "fp16", "auto"), "fp32 | bf16 | fp16 | auto")
         check("max_rows", self.max_rows >= 2 and self.max_rows % 2 == 0, "an even number >= 2")
         check("max_waiting", self.max_waiting >= 0, "an integer >= 0")
         check("max_images", 1 <= self.max_images <= self.max_rows // 2, f"1..max_rows/2 ({self.max_rows // 2})")
@@ -74,6 +79,8 @@ def _parse(name: str, raw: str, default):
             return Path(raw)
         if name == "api_keys":
             return tuple(k.strip() for k in raw.split(",") if k.strip())
+        if name == "max_images":
+            return int(raw)
         if isinstance(default, bool):
             return raw.lower() in ("1", "true", "yes")
         if isinstance(default, int):

@@ -1,0 +1,132 @@
+"""Load generator: N concurrent HTTP clients against one-at-a-time serving, in the same run.
+
+Starts ``vqdiff serve`` (the embedded default model unless --model) as a subprocess, then sends the
+same prompts twice: one request at a time, and from N closed-loop clients. Every request streams
+(SSE, the server's default preview interval), so time to first preview is measured at the client.
+Prints images/s, p50/p95 latency and time to first preview for both, and the throughput ratio.
+
+    .venv/bin/python benchmarks/bench_server.py --clients 16 --requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.shapes import prompt_set  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float]:
+    """(latency s, time to first preview s) of one streamed request."""
+    t0 = time.perf_counter()
+    first = None
+    async with client.stream("POST", f"{url}/v1/generate", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        kind = None
+        async for line in r.aiter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                if kind == "progress" and first is None:
+                    first = time.perf_counter() - t0
+                elif kind == "error":
+                    raise RuntimeError(line)
+                elif kind == "result":
+                    json.loads(line[6:])
+    latency = time.perf_counter() - t0
+    return latency, first if first is not None else latency
+
+
+async def run(url: str, bodies: list[dict], clients: int) -> dict:
+    queue = list(bodies)
+    results: list[tuple[float, float]] = []
+
+    async def worker(client):
+        while queue:
+            results.append(await one(client, url, queue.pop(0)))
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in results)
+    ttfp = sorted(r[1] for r in results)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"clients": clients, "requests": len(results), "wall_s": wall, "images_per_s": len(results) / wall,
+            "p50_s": statistics.median(lat), "p95_s": pct(lat, 0.95), "ttfp_p50_s": statistics.median(ttfp),
+            "ttfp_p95_s": pct(ttfp, 0.95)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64, help="requests in the concurrent phase")
+    ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time phase")
+    ap.add_argument("--max-rows", type=int, default=64)
+    ap.add_argument("--steps", type=int, help="override the model's default steps")
+    ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bf16 on CPUs with AMX)")
+    args = ap.parse_args()
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vqdiff.cli", "serve", "--port", str(port), "--grpc-port", "0",
+           "--max-rows", str(args.max_rows), "--host", "127.0.0.1", "--dtype", args.dtype]
+    if args.model:
+        cmd += ["--model", str(args.model)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+        info = httpx.get(f"{url}/v1/models").json()["data"][0]
+        prompts = [p for p, _ in prompt_set("two", n=args.requests)]
+        extra = {"steps": args.steps} if args.steps else {}
+        bodies = [{"prompt": p, "seed": i, **extra} for i, p in enumerate(prompts)]
+        asyncio.run(run(url, bodies[:2], 1))  # warm-up
+        seq = asyncio.run(run(url, bodies[: args.sequential], 1))
+        conc = asyncio.run(run(url, bodies, args.clients))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+    params = info["default_params"]
+    print(f"model {info['id']} ({info['parameters']:,} parameters, {info['image_size']}px), "
+          f"steps {args.steps or params['steps']}, sampler {params['sampler']}, max_rows {args.max_rows}, "
+          f"{info['dtype']} on {info['device']}")
+    print("| mode | requests | images/s | p50 latency s | p95 latency s | p50 first preview s | p95 first preview s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in (("one at a time", seq), (f"{args.clients} concurrent clients", conc)):
+        print(f"| {name} | {r['requests']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
+              f"{r['ttfp_p50_s']:.2f} | {r['ttfp_p95_s']:.2f} |")
+    print(f"throughput ratio (concurrent / one at a time): {conc['images_per_s'] / seq['images_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

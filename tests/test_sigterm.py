@@ -1,0 +1,81 @@
+"""SIGTERM on a real ``vqdiff serve`` process: readiness turns 503 and gRPC health NOT_SERVING, new
+requests are refused, accepted ones finish within the grace period, and the process exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from model.folder import random_model, save_model
+from tests.serving import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sigterm_drains_and_exits_zero(tokenizer, tiny_config, tmp_path):
+    model = random_model(tiny_config, tokenizer, seed=3).eval()
+    with torch.no_grad():
+        model.transformer.out.weight.mul_(40.0)
+    folder = save_model(model, tmp_path / "tiny")
+    http_port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vqdiff.cli", "serve", "--model", str(folder), "--host", "127.0.0.1",
+         "--port", str(http_port), "--grpc-port", str(grpc_port), "--max-rows", "8", "--grace", "60", "--dtype", "fp32"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the server never became ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+
+        # 12 accepted requests of 4 images each; one fits a batch of 8 rows at a time, so most are queued
+        results: list[httpx.Response] = []
+        body = {"prompt": "a red circle", "sampler": "posterior", "steps": 100, "n": 4}
+
+        def client(i: int) -> None:
+            results.append(httpx.post(f"{url}/v1/generate", json={**body, "seed": i}, timeout=120))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        while "vqdiff_requests_running" not in (m := httpx.get(f"{url}/metrics").text) or \
+                'vqdiff_requests_running{model_name="tiny"} 1.0' not in m:
+            time.sleep(0.01)
+
+        proc.send_signal(signal.SIGTERM)
+        while httpx.get(f"{url}/readyz").status_code == 200:
+            time.sleep(0.01)
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        late = httpx.post(f"{url}/v1/generate", json={"prompt": "late"})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
+        status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        for t in threads:
+            t.join(120)
+        assert proc.wait(60) == 0
+        log = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(results) == 12 and all(r.status_code == 200 for r in results), [r.status_code for r in results]
+    assert "draining" in log and "stopped" in log
