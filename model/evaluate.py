@@ -38,12 +38,13 @@ def _signature(parsed: shapes.Parsed) -> tuple:
 
 @torch.no_grad()
 def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int = 1, params=None,
-             seed: int = 0, batch: int = 64, on_batch=None) -> dict:
+             seed: int = 0, batch: int = 64, on_batch=None, features=None) -> dict:
     """Generate ``samples`` images for each of ``n`` prompts of ``kind`` and read them back.
 
     Returns prompt fidelity (clean and every stated fact holds), quality (parses cleanly), diversity
     (distinct outcomes per prompt / samples; only with samples > 1), and the images (uint8) in prompt
-    order for a grid.
+    order for a grid. With ``features`` (a ``model.features.FeatureNet``), also ``fd``: the Fréchet
+    distance between the generated images and one real image drawn for each prompt.
     """
     from dataclasses import replace
 
@@ -68,6 +69,12 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
               "fidelity": float(np.mean(faithful)), "quality": float(np.mean(clean)), "images": np.stack(images)}
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
+    if features is not None:
+        from model.features import embed, frechet_distance
+
+        size = model.config.image_size
+        real = np.stack([shapes.render(scene, size) for _, _, scene in shapes.prompt_scenes(kind, split, n, seed=seed)])
+        result["fd"] = frechet_distance(embed(features, result["images"]), embed(features, real))
     return result
 
 

@@ -274,3 +274,25 @@ def test_draining_refuses_new_work_finishes_running_and_stops(model, slow_steps)
     assert running.status_code == 200  # the request in flight finished within the grace period
     s.thread.join(30)
     assert not s.thread.is_alive() and s.error is None
+
+
+def test_deadline_is_504_and_queued_streams_get_heartbeats(model, slow_steps):
+    with ServerThread(model, max_rows=2, max_images=1, request_timeout_s=1.0, heartbeat_s=0.1) as s:
+        async def go():
+            async with httpx.AsyncClient(timeout=60) as c:
+                running = asyncio.create_task(c.post(f"{s.url}/v1/generate", json={
+                    "prompt": "a red circle", "sampler": "posterior", "steps": 100}))
+                while metric(s.url, "vqdiff_requests_running") < 1:
+                    await asyncio.sleep(0.01)
+                lines = []
+                async with c.stream("POST", f"{s.url}/v1/generate", json={
+                        "prompt": "a blue square", "steps": 4, "stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        lines.append(line)
+                return await running, lines
+
+        running, lines = asyncio.run(go())
+    assert running.status_code == 504  # 100 slowed steps take > 1 s
+    assert running.json()["error"]["code"] == "deadline_exceeded"
+    assert lines.count(": heartbeat") >= 2  # it waited behind the running request
+    assert "event: error" in lines or "event: result" in lines

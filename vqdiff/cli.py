@@ -37,6 +37,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(save_model(model, args.out, overwrite=args.overwrite))
 
 
+FEATURES = Path(__file__).resolve().parent.parent / "models" / "features"  # trained by `vqdiff train features`
+
 PARAM_FLAGS = ("guidance_scale", "truncation_rate", "sampler", "steps", "purity_weight", "negative_prompt", "uncond")
 
 
@@ -111,22 +113,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     model = _load(args)
     params = _params_from_args(args, model)
+    features = None
+    feature_dir = args.features or (FEATURES if (FEATURES / "config.json").is_file() else None)
+    if feature_dir is not None:
+        from model.features import load_features
+
+        features = load_features(feature_dir)
     c = model.config.transformer
     params.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None, seed=0)
     rows, images = [], []
     for kind in args.kind.split(","):
         with tqdm(total=args.n * args.samples, desc=f"eval {kind}", unit="img", disable=args.quiet) as bar:
             r = evaluate(model, kind, args.split, args.n, args.samples, params, seed=args.seed,
-                         on_batch=lambda done, total: bar.update(done - bar.n))
+                         on_batch=lambda done, total: bar.update(done - bar.n), features=features)
         rows.append(r)
         images.append(r["images"])
     p = params
     print(f"model {args.model}  sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale} "
           f"truncation_rate={p.truncation_rate} purity_weight={p.purity_weight} uncond={p.uncond}")
-    print(f"{'kind':6s} {'split':8s} {'prompts':>7s} {'samples':>7s} {'fidelity':>8s} {'quality':>8s} {'diversity':>9s}")
+    print(f"{'kind':6s} {'split':8s} {'prompts':>7s} {'samples':>7s} {'fidelity':>8s} {'quality':>8s} {'diversity':>9s} "
+          f"{'FD':>8s}")
     for r in rows:
         div = f"{r['diversity']:9.3f}" if "diversity" in r else f"{'-':>9s}"
-        print(f"{r['kind']:6s} {r['split']:8s} {r['prompts']:7d} {r['samples']:7d} {r['fidelity']:8.3f} {r['quality']:8.3f} {div}")
+        fd = f"{r['fd']:8.3f}" if "fd" in r else f"{'-':>8s}"
+        print(f"{r['kind']:6s} {r['split']:8s} {r['prompts']:7d} {r['samples']:7d} {r['fidelity']:8.3f} {r['quality']:8.3f} "
+              f"{div} {fd}")
     if args.grid:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid(np.concatenate(images))).save(args.grid)
@@ -162,6 +173,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout, grace_s=args.grace,
         api_keys=args.api_keys.split(",") if args.api_keys else None)
     serve(settings)
+
+
+def cmd_train_features(args: argparse.Namespace) -> None:
+    from model.features import train_features
+
+    print(train_features(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         progress=not args.quiet))
 
 
 def cmd_train_vqvae(args: argparse.Namespace) -> None:
@@ -211,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=1, help="images per prompt (> 1 measures diversity)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--grid", type=Path, help="write the images as one PNG grid")
+    s.add_argument("--features", type=Path, default=None,
+                   help="feature network for the Fréchet distance (default: models/features when present)")
     _add_param_args(s)
     s.set_defaults(func=cmd_eval)
 
@@ -240,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="training entry points (resumable)").add_subparsers(dest="what", required=True)
+
+    s = train.add_parser("features", help="the shapes benchmark's feature network (for the Fréchet distance)")
+    s.add_argument("--out", type=Path, required=True, help="folder: model.safetensors, config.json")
+    s.add_argument("--steps", type=int, default=2500)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_train_features)
     s = train.add_parser("vqvae", help="train the VQVAE on an image-caption folder")
     s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
     s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, vqvae/")
