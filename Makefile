@@ -10,7 +10,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(WHEELS) -e '.[test,kernels]'
+	$(PY) -m pip install -q $(WHEELS) -e '.[test,kernels,eval]'
 	touch $@
 
 serve: $(VENV)/.installed
