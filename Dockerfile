@@ -2,11 +2,21 @@
 # :50051 (gRPC). Mount other model folders (diffusers layout) and point VQDIFF_MODEL at them.
 #
 # Build arguments:
-#   BASE       the Python base image (default python:3.11-slim)
-#   PIP_ARGS   extra pip arguments, e.g. "--find-links /wheels" with a wheels folder in the build
-#              context (how this project's CPU machines get torch without a download)
+#   BASE       the Python base image (default python:3.11-slim; deploy/base-image.sh builds one
+#              locally where no registry can be reached)
+#   PIP_ARGS   extra pip arguments, e.g. "--find-links /wheels": the files of a .wheels/ folder in
+#              the build context appear at /wheels while the packages install (a bind mount: they
+#              never enter the image). How this project's CPU machines get torch without a download.
 #   EXTRAS     package extras to install; "kernels" adds Triton for CUDA images
+# Build secret (optional): ca_bundle, a CA bundle for pip during the build only, for networks
+# whose TLS goes through an intercepting proxy (deploy/smoke_docker.sh passes one). The image never
+# holds it. RUN --mount needs BuildKit: the default builder of Docker 23+ and of docker compose v2.
 ARG BASE=python:3.11-slim
+
+# the optional wheels: the build context's .wheels/ (empty when there is none)
+FROM scratch AS wheels
+COPY pyproject.toml .wheel[s] /wheels/
+
 FROM ${BASE}
 ARG PIP_ARGS=""
 ARG EXTRAS="kernels"
@@ -18,16 +28,25 @@ WORKDIR /app
 
 # dependencies first: a code change does not reinstall torch
 COPY pyproject.toml README.md ./
-RUN mkdir -p model server kernels vqdiff && touch model/__init__.py server/__init__.py kernels/__init__.py vqdiff/__init__.py \
-    && pip install ${PIP_ARGS} ".[${EXTRAS}]" && pip uninstall -y vqdiff
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels --mount=type=secret,id=ca_bundle \
+    if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
+    && mkdir -p model server kernels vqdiff && touch model/__init__.py server/__init__.py kernels/__init__.py vqdiff/__init__.py \
+    && pip install ${PIP_ARGS} ".[${EXTRAS}]" && pip uninstall -y vqdiff \
+    && rm -rf build vqdiff.egg-info model server kernels vqdiff
+# (the stub build must go: setuptools would reuse its empty build/lib/*/__init__.py below)
 
 COPY model ./model
 COPY server ./server
 COPY kernels ./kernels
 COPY vqdiff ./vqdiff
 COPY proto ./proto
-COPY models/default ./models/default
-RUN pip install ${PIP_ARGS} --no-deps . && useradd --system --uid 10001 vqdiff
+# the embedded model, readable by the unprivileged user whatever the modes in the build context
+# (a folder copied in with restrictive modes would otherwise be unreadable by uid 10001)
+RUN --mount=type=bind,source=models/default,target=/tmp/default-model \
+    mkdir -p models && cp -R /tmp/default-model models/default && chmod -R a+rX models/default
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels --mount=type=secret,id=ca_bundle \
+    if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
+    && pip install ${PIP_ARGS} --no-deps . && rm -rf build vqdiff.egg-info && useradd --system --uid 10001 vqdiff
 USER vqdiff
 
 EXPOSE 8000 50051

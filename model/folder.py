@@ -329,6 +329,15 @@ def read_generation_defaults(folder: Path) -> dict:
     return defaults
 
 
+def _readable(root: Path) -> None:
+    """Folders 0755 and files 0644 (less the umask): mkdtemp makes 0700, and safetensors writes 0600,
+    which a server running as another user (the container's) could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
+
+
 def save_model(
     model: VQDiffusion, folder: str | Path, *, overwrite: bool = False, dtype: torch.dtype = torch.float32,
     extra: dict | None = None,
@@ -361,6 +370,7 @@ def save_model(
             save_component(tmp / NULL, null_cfg, model.null_cond, dtype=dtype)
         if model.generation_defaults or extra:
             _write_json(tmp / EXTRA, {**(extra or {}), "generation_defaults": model.generation_defaults})
+        _readable(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -310,3 +310,14 @@ def test_saved_tokenizer_records_the_text_length(tokenizer, tiny_config, tmp_pat
     folder = save_model(random_model(cfg, tokenizer, seed=5), tmp_path / "m")
     assert tokenizer.model_max_length == before  # the caller's tokenizer is left alone
     assert load_tokenizer(folder / "tokenizer").model_max_length == 16  # what diffusers' pipeline pads to
+
+
+def test_saved_folders_are_readable_by_other_users(tiny_config, tokenizer, tmp_path):
+    import stat
+
+    from model.folder import random_model, save_model
+
+    folder = save_model(random_model(tiny_config, tokenizer), tmp_path / "m")
+    for path in [folder, *folder.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o004, f"{path}: mode {oct(mode)} is not world-readable"
