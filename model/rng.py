@@ -39,16 +39,31 @@ def uniform(seed: Tensor, step: Tensor, stream: int, num_positions: int, num_cla
     through the bijective ``mix32``, so swapping two counters changes the result; the last round
     xors the row's state back in, so two rows never see shifted copies of one stream.
     """
-    dev = seed.device
     c = 1 if num_classes is None else num_classes
-    seed = seed.view(-1, 1, 1)  # (B, 1, 1)
+    index = torch.arange(num_positions * c, device=seed.device, dtype=torch.int64).view(1, num_positions, c)  # (1, N, C)
+    u = _uniform(_row_state(seed, step, stream), index)  # (B, N, C)
+    return u.squeeze(-1) if num_classes is None else u
+
+
+def uniform_at(seed: Tensor, step: Tensor, stream: int, positions: Tensor, num_classes: int) -> Tensor:
+    """``uniform(seed, step, stream, N, C)`` at the given positions only: (B, M) -> (B, M, C), the same
+    bits (a draw at a few chosen positions never computes the noise of all N x C)."""
+    classes = torch.arange(num_classes, device=positions.device, dtype=torch.int64)
+    index = positions.unsqueeze(-1) * num_classes + classes  # (B, M, C): the index uniform() gives (n, c)
+    return _uniform(_row_state(seed, step, stream), index)
+
+
+def _row_state(seed: Tensor, step: Tensor, stream: int) -> Tensor:
+    """(B,) seeds and steps -> (B, 1, 1): the state of each row's stream."""
+    seed = seed.view(-1, 1, 1)
     h = mix32(seed & M32)
     h = mix32(h ^ ((seed >> 32) & M32))
-    h = mix32((h + (step.view(-1, 1, 1) * 4 + stream)) & M32)  # (B, 1, 1): this row's stream state
-    index = torch.arange(num_positions * c, device=dev, dtype=torch.int64).view(1, num_positions, c)  # (1, N, C)
-    x = mix32(mix32((h + index) & M32) ^ h)  # (B, N, C)
-    u = ((x >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)  # (B, N, C) in [2^-24, 1 - 2^-24]
-    return u.squeeze(-1) if num_classes is None else u
+    return mix32((h + (step.view(-1, 1, 1) * 4 + stream)) & M32)
+
+
+def _uniform(h: Tensor, index: Tensor) -> Tensor:
+    x = mix32(mix32((h + index) & M32) ^ h)
+    return ((x >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)  # in [2^-24, 1 - 2^-24]
 
 
 def gumbel(u: Tensor) -> Tensor:
@@ -63,4 +78,4 @@ def random_seed() -> int:
     return secrets.randbelow(2**53)  # exact in a JSON number
 
 
-__all__ = ["uniform", "gumbel", "mix32", "random_seed", "SELECT", "TOKEN", "POSTERIOR"]
+__all__ = ["uniform", "uniform_at", "gumbel", "mix32", "random_seed", "SELECT", "TOKEN", "POSTERIOR"]

@@ -1,19 +1,28 @@
 """One denoising step over a batch of requests: guidance, truncation, purity, selection, draw.
 
 Every function is vectorised over B rows, each with its own parameters and its own step; there
-are no per-row Python loops and no host syncs. These torch functions are the reference the Triton
-kernels (issue 6) must equal.
+are no per-row Python loops and no host syncs.
+
+The step is three ops, each the torch reference of a Triton kernel in kernels/ with the same name and
+signature (issue 6): ``guided_purity`` (guidance, log-softmax, truncation, purity), ``select_masked``
+(top-Δz selection) and ``draw_at`` (the token draw at the chosen positions). ``denoise_step`` takes
+them from ``kernels.step_ops``: the kernels on CUDA, these functions elsewhere (``VQDIFF_KERNELS``
+forces either). The smaller functions they are built from (``guided_log_probs``, ``truncate``,
+``purity``, ``select_positions``, ``draw_tokens``) are the math, tested on their own.
 
 Layout: logits and log-probs are (B, N, K), classes last; tokens are (B, N) with MASK_ID = K.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
+import kernels
 from model import rng
 from model.diffusion import Schedule, posterior
 
@@ -37,6 +46,8 @@ class BatchParams:
     count: Tensor  # (B,) long: tokens to unmask this step (selection samplers)
     t_eval: Tensor  # (B,) long: timestep at which the posterior is evaluated (posterior samplers)
     kinds: frozenset[int]  # host-side: the kinds present in this batch
+    truncates: bool = True  # host-side: some row has truncation_rate < 1 (False: truncation is skipped)
+    max_count: int | None = None  # host-side: the largest count (None: unknown, draws may cover all N)
 
     @classmethod
     def build(cls, rows: list[dict], device: torch.device | str) -> BatchParams:
@@ -53,6 +64,8 @@ class BatchParams:
             count=col("count", torch.long),
             t_eval=col("t_eval", torch.long),
             kinds=frozenset(r["kind"] for r in rows),
+            truncates=any(r["truncation_rate"] < 1.0 for r in rows),
+            max_count=max((int(r["count"]) for r in rows), default=0),
         )
 
 
@@ -74,9 +87,15 @@ def truncate(log_p: Tensor, truncation_rate: Tensor) -> Tensor:
     is always kept and the kept mass is at least r); the rest become -70. Not re-normalised.
 
     log_p: (B, N, K); truncation_rate: (B,). Rows with r = 1 are unchanged.
+    Exactly defined, so that a kernel can equal it: classes in descending log p, ties by class index
+    (a stable sort; torch's default sort is not stable on the CPU); the mass before a class is the
+    inclusive cumsum of the classes before it, accumulated in fp64 and rounded to fp32: what the
+    released code's fp32 cumsum gives on the CPU (torch accumulates it in fp64 there), and the same
+    on CUDA, where an fp32 cumsum would scan in fp32 and round differently.
     """
-    sorted_lp, order = torch.sort(log_p, dim=-1, descending=True)  # (B, N, K)
-    mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()  # (B, N, K) exclusive cumsum
+    sorted_lp, order = torch.sort(log_p, dim=-1, descending=True, stable=True)  # (B, N, K)
+    cum = torch.cumsum(sorted_lp.exp(), dim=-1, dtype=torch.float64)  # (B, N, K) inclusive
+    mass_before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1).float()  # (B, N, K)
     r = truncation_rate.view(-1, 1, 1)
     keep_sorted = (mass_before < r) | (r >= 1.0)  # (B, N, K)
     keep_sorted[..., 0] = True
@@ -113,11 +132,72 @@ def draw_tokens(log_p: Tensor, sharpen: Tensor, u: Tensor) -> Tensor:
     return torch.argmax(sharpen.unsqueeze(-1) * log_p + rng.gumbel(u), dim=-1)
 
 
+# ---------------------------------------------------------------------------------------------
+# The three ops of the step: references of kernels/guided.py, kernels/selection.py, kernels/draw.py
+
+
+def guided_purity(
+    cond: Tensor, uncond: Tensor, guidance_scale: Tensor, truncation_rate: Tensor,
+    with_log_p: bool = False, truncates: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Purity (B, N) after guidance and, with ``with_log_p``, the guided, truncated log p (B, N, K).
+
+    cond, uncond: (B, N, K) logits (fp32, bf16 or fp16); guidance_scale, truncation_rate: (B,) fp32.
+    ``truncates`` False (no row has r < 1, known on the host) skips truncation. Truncation keeps the
+    top-1 unchanged, so purity does not depend on it; the kernel writes only purity unless asked.
+    """
+    log_p = guided_log_probs(cond, uncond, guidance_scale)  # (B, N, K)
+    pur = purity(log_p)  # (B, N)
+    if not with_log_p:
+        return pur, None
+    return pur, truncate(log_p, truncation_rate) if truncates else log_p
+
+
+def select_masked(score: Tensor, masked: Tensor, count: Tensor, seed: Tensor, step: Tensor) -> Tensor:
+    """``select_positions`` with each row's own SELECT uniforms: (B, N) bool, count[b] masked positions
+    (fewer if fewer are masked). score: (B, N) fp32 > 0; masked: (B, N) bool; count, seed, step: (B,)."""
+    return select_positions(score, masked, count, rng.uniform(seed, step, rng.SELECT, score.shape[1]))
+
+
+def draw_at(
+    cond: Tensor, uncond: Tensor, guidance_scale: Tensor, truncation_rate: Tensor, sharpen: Tensor,
+    chosen: Tensor, x: Tensor, seed: Tensor, step: Tensor, max_count: int | None = None, truncates: bool = True,
+) -> Tensor:
+    """x (B, N) with a token drawn at every chosen position from softmax(sharpen * log p) (Eq. 11,
+    ``draw_tokens``), log p guided and truncated as ``guided_purity``'s, noise the row's TOKEN uniforms.
+
+    Only M = ``max_count`` positions per row are computed (chosen ones first; None: all N), never the
+    (B, N, K) noise of every position: the bits are those of a draw everywhere, since the uniforms are
+    keyed by the true position. sharpen: (B, N) fp32; chosen: (B, N) bool; x: (B, N) long.
+    """
+    b, n, k = cond.shape
+    m = n if max_count is None else max(0, min(max_count, n))
+    if m == 0:
+        return x.clone()
+    pos = torch.sort(chosen.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :m]  # (B, M)
+    rows = pos.unsqueeze(-1).expand(b, m, k)  # (B, M, K)
+    log_p = guided_log_probs(cond.gather(1, rows), uncond.gather(1, rows), guidance_scale)  # (B, M, K)
+    if truncates:
+        log_p = truncate(log_p, truncation_rate)
+    drawn = draw_tokens(log_p, sharpen.gather(1, pos), rng.uniform_at(seed, step, rng.TOKEN, pos, k))  # (B, M)
+    return x.scatter(1, pos, torch.where(chosen.gather(1, pos), drawn, x.gather(1, pos)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
 @dataclass(frozen=True)
 class StepOutput:
     tokens: Tensor  # (B, N) long: the new x
     purity: Tensor  # (B, N): max_j p(x0 = j) after guidance and truncation (previews, metrics)
-    log_p: Tensor  # (B, N, K): the guided, truncated log p(x0) (predicted previews)
+    compute_log_p: Callable[[], Tensor] = field(repr=False, compare=False)  # gives log_p (below)
+
+    @cached_property
+    def log_p(self) -> Tensor:
+        """(B, N, K): the guided, truncated log p(x0) (predicted previews). Computed on first use: the
+        selection samplers' step never needs it, and the kernels do not write it unless asked."""
+        return self.compute_log_p()
 
 
 def denoise_step(
@@ -127,11 +207,15 @@ def denoise_step(
 
     cond, uncond: (B, N, K) logits; x: (B, N) current tokens (MASK_ID = K). Selection rows (purity,
     random) unmask ``count`` masked positions and freeze the rest; posterior rows draw x_{t-1} from
-    the posterior at ``t_eval`` (the original samplers, skip-step included).
+    the posterior at ``t_eval`` (the original samplers, skip-step included). The three ops come from
+    ``kernels.step_ops``: Triton kernels on CUDA (one read of the logits for purity, the draw reading
+    only the chosen positions), this module's references elsewhere; both give the same tokens.
     """
     b, n, k = cond.shape
-    log_p = truncate(guided_log_probs(cond, uncond, p.guidance_scale), p.truncation_rate)  # (B, N, K)
-    pur = purity(log_p)  # (B, N)
+    ops = kernels.step_ops(cond.device)  # the Triton kernels on CUDA, this module's references elsewhere
+    cond, uncond, x = cond.contiguous(), uncond.contiguous(), x.contiguous()  # the kernels' layout; no-ops here
+    guide = (cond, uncond, p.guidance_scale, p.truncation_rate)
+    pur, log_p = ops.guided_purity(*guide, POSTERIOR in p.kinds, p.truncates)  # (B, N), (B, N, K) or None
     new = x
 
     if p.kinds & {PURITY, RANDOM}:
@@ -139,14 +223,15 @@ def denoise_step(
         score = pur / pur.max(dim=-1, keepdim=True).values  # (B, N): per-image max is 1
         is_random = (p.kind == RANDOM).view(-1, 1)
         weight = torch.where(is_random, torch.ones_like(score), score)  # Algorithm 1: uniform positions
-        chosen = select_positions(weight, masked, p.count, rng.uniform(p.seed, p.step, rng.SELECT, n))
+        chosen = ops.select_masked(weight, masked, p.count, p.seed, p.step)  # (B, N)
         sharpen = 1.0 + p.purity_weight.view(-1, 1) * score  # (B, N)
-        drawn = draw_tokens(log_p, sharpen, rng.uniform(p.seed, p.step, rng.TOKEN, n, k))  # (B, N)
-        new = torch.where(chosen, drawn, x)
+        new = ops.draw_at(*guide, sharpen, chosen, x, p.seed, p.step, p.max_count, p.truncates)  # (B, N)
 
     if POSTERIOR in p.kinds:
         log_post = posterior(schedule, log_p, x, p.t_eval)  # (B, N, K+1)
         drawn = torch.argmax(log_post + rng.gumbel(rng.uniform(p.seed, p.step, rng.POSTERIOR, n, k + 1)), dim=-1)
         new = torch.where((p.kind == POSTERIOR).view(-1, 1), drawn, new)
 
-    return StepOutput(tokens=new, purity=pur, log_p=log_p)
+    if log_p is None:  # kept lazy: previews ask for it every few steps at most
+        return StepOutput(new, pur, compute_log_p=lambda: ops.guided_purity(*guide, True, p.truncates)[1])
+    return StepOutput(new, pur, compute_log_p=lambda: log_p)
