@@ -57,8 +57,14 @@ def test_sigterm_drains_and_exits_zero(tokenizer, tiny_config, tmp_path):
         threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()
-        while "vqdiff_requests_running" not in (m := httpx.get(f"{url}/metrics").text) or \
-                'vqdiff_requests_running{model_name="tiny"} 1.0' not in m:
+        def gauge(name: str, label: str = "") -> float:
+            line = next(x for x in httpx.get(f"{url}/metrics").text.splitlines()
+                        if x.startswith(name + "{") and label in x)
+            return float(line.rsplit(" ", 1)[1])
+
+        # every request accepted (finished, running or queued) before the signal
+        while (gauge("vqdiff_requests_total", 'outcome="success"') + gauge("vqdiff_requests_running")
+               + gauge("vqdiff_requests_waiting")) < 12:
             time.sleep(0.01)
 
         proc.send_signal(signal.SIGTERM)
