@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time phase")
     ap.add_argument("--max-rows", type=int, default=64)
     ap.add_argument("--steps", type=int, help="override the model's default steps")
-    ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bf16 on CPUs with AMX)")
+    ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16 | auto)")
     args = ap.parse_args()
 
     port = free_port()

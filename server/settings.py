@@ -22,8 +22,9 @@ class Settings:
     grpc_port: int = 50051  # 0 disables gRPC
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     # the transformer's compute dtype: fp32 | bf16 | fp16 | auto (bf16 on CUDA and on CPUs with bf16
-    # matrix units (AMX / AVX512-BF16), else fp32)
-    dtype: str = "auto"
+    # matrix units (AMX / AVX512-BF16), else fp32). fp32 is the default because only there (on CPU)
+    # is an image bit-identical whatever else shares its batch; bf16 is faster (docs/BENCHMARKS.md)
+    dtype: str = "fp32"
     max_rows: int = 64  # rows per transformer forward; an image takes 2 (cond + uncond)
     max_waiting: int = 256  # requests queued beyond the running batch; more get 429
     max_images: int | None = None  # n per request; None: min(8, max_rows / 2)

@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 disables gRPC)")
     s.add_argument("--device", help="cpu | cuda | cuda:N")
-    s.add_argument("--dtype", help="transformer compute dtype: fp32 | bf16 | fp16 | auto (default: bf16 where fast, else fp32)")
+    s.add_argument("--dtype", help="transformer compute dtype: fp32 (default: seeds reproduce whatever the batch) | bf16 (faster; batch composition can change tokens) | fp16 | auto (bf16 where the hardware is fast at it)")
     s.add_argument("--max-rows", type=int, help="rows per forward, 2 per image (default 64)")
     s.add_argument("--max-waiting", type=int, help="queued requests beyond the batch before 429 (default 256)")
     s.add_argument("--request-timeout", type=float, help="per-request deadline in seconds (default 300)")
