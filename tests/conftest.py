@@ -10,6 +10,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run under the interpreter. TRITON_INTERPRET must be set before
+# anything imports triton (torch._dynamo does, through model.folder), so it is set here, first; the
+# dispatch in kernels/ still picks the torch references on a CPU (tests/test_kernels.py forces kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from model.config import tiny
 from model.tokenizer import word_tokenizer
 
