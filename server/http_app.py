@@ -3,7 +3,6 @@ and serialise; every error leaves as ``{"error": {message, type, param, code}}``
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import time
