@@ -112,7 +112,7 @@ def main() -> None:
             fd = f"{r['fd']:.2f}" if "fd" in r else "-"
             print(f"| {name} | {r['fidelity']:.3f} | {r['quality']:.3f} | {div} | {fd} | {seconds:.0f} |", flush=True)
             results.append({"kind": kind, "split": args.split, "setting": name, **tags, "seconds": seconds,
-                            **{k: r[k] for k in ("fidelity", "quality", "diversity", "fd") if k in r}})
+                            **{k: r[k] for k in ("fidelity", "quality", "diversity", "fd", "failures") if k in r}})
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -31,6 +31,22 @@ def vqvae_ceiling(vqvae, n: int = 500, seed: int = 12345, split: str = "train", 
     return ok / n
 
 
+def failure(parsed: shapes.Parsed, stated: shapes.Stated) -> str | None:
+    """Why an image misses its prompt, the first reason that applies: ``unclean`` (mixed colours or a
+    broken shape: the joint-distribution failure), ``count`` (wrong number of objects), ``attributes``
+    (no object-to-mention match has every colour/shape/size/place right), ``relation``; None if it
+    honours the prompt."""
+    if not parsed.clean:
+        return "unclean"
+    if len(parsed.objects) != len(stated.mentions):
+        return "count"
+    if shapes.satisfies(parsed, stated):
+        return None
+    from dataclasses import replace
+
+    return "relation" if shapes.satisfies(parsed, replace(stated, relation=None)) else "attributes"
+
+
 def _signature(parsed: shapes.Parsed) -> tuple:
     """A coarse description of what an image shows, to count distinct outcomes of one prompt."""
     return tuple(sorted((o.shape or "?", o.colour, o.size, round(o.cx / 4), round(o.cy / 4)) for o in parsed.objects))
@@ -53,7 +69,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     base = params or default_params(model)
     prompts = shapes.prompt_set(kind, split, n, seed=seed)
     jobs = [(p, replace(base, seed=seed * 1_000_003 + i * samples + j)) for i, p in enumerate(prompts) for j in range(samples)]
-    images, faithful, clean, signatures = [], [], [], {}
+    images, faithful, clean, signatures, failures = [], [], [], {}, {}
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         out = to_uint8(sample(model, [p[0] for p, _ in chunk], [q for _, q in chunk]).images)
@@ -61,12 +77,16 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
             parsed = shapes.parse(img)
             images.append(img)
             clean.append(parsed.clean)
-            faithful.append(parsed.clean and shapes.satisfies(parsed, stated))
+            why = failure(parsed, stated)
+            faithful.append(why is None)
+            if why is not None:
+                failures[why] = failures.get(why, 0) + 1
             signatures.setdefault((start + k) // samples, set()).add(_signature(parsed))
         if on_batch is not None:
             on_batch(len(images), len(jobs))
     result = {"kind": kind, "split": split, "prompts": n, "samples": samples,
-              "fidelity": float(np.mean(faithful)), "quality": float(np.mean(clean)), "images": np.stack(images)}
+              "fidelity": float(np.mean(faithful)), "quality": float(np.mean(clean)), "images": np.stack(images),
+              "failures": failures}
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
     if features is not None:

@@ -71,3 +71,20 @@ def test_diversity_counts_distinct_outcomes(monkeypatch):
 def test_grid_layout():
     g = grid(np.zeros((10, 32, 32, 3), np.uint8), columns=4, scale=2)
     assert g.shape == ((3 * 33 + 1) * 2, (4 * 33 + 1) * 2, 3)
+
+
+def test_failure_reasons():
+    from model import shapes
+    from model.evaluate import failure
+
+    red, blue = shapes.Mention("circle", "red", None), shapes.Mention("square", "blue", None)
+    stated = shapes.Stated((red, blue), relation=(0, "above", 1))
+    obj = lambda shape, colour, cx, cy: shapes.ParsedObj(shape, colour, "small", cx, cy)  # noqa: E731
+    ok = shapes.Parsed((obj("circle", "red", 16, 6), obj("square", "blue", 16, 26)), clean=True)
+    assert failure(ok, stated) is None
+    assert failure(shapes.Parsed(ok.objects, clean=False), stated) == "unclean"
+    assert failure(shapes.Parsed(ok.objects[:1], clean=True), stated) == "count"
+    flipped = shapes.Parsed((obj("circle", "red", 16, 26), obj("square", "blue", 16, 6)), clean=True)
+    assert failure(flipped, stated) == "relation"
+    wrong = shapes.Parsed((obj("circle", "green", 16, 6), obj("square", "blue", 16, 26)), clean=True)
+    assert failure(wrong, stated) == "attributes"

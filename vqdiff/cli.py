@@ -138,6 +138,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         fd = f"{r['fd']:8.3f}" if "fd" in r else f"{'-':>8s}"
         print(f"{r['kind']:6s} {r['split']:8s} {r['prompts']:7d} {r['samples']:7d} {r['fidelity']:8.3f} {r['quality']:8.3f} "
               f"{div} {fd}")
+    for r in rows:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items(), key=lambda kv: -kv[1])) or "none"
+        print(f"misses ({r['kind']}, {r['split']}): {why}")
     if args.grid:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid(np.concatenate(images))).save(args.grid)
