@@ -47,6 +47,9 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request body")
+        if param is None:  # the body itself: not JSON, or JSON that is not an object
+            message = (f"the request body must be a JSON object sent with 'Content-Type: application/json' "
+                       f"({first.get('msg', 'invalid body')})")
         engine.metrics.count("invalid")
         return JSONResponse(invalid(message, param).body(), status_code=422)
 

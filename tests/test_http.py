@@ -136,6 +136,9 @@ def test_bad_input_is_a_422_envelope_naming_the_field(server, body, param):
 def test_malformed_json_and_unknown_routes_use_the_envelope(server):
     r = httpx.post(f"{server.url}/v1/generate", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "error" in r.json()
+    r = httpx.post(f"{server.url}/v1/generate", content=b'{"prompt": "a"}',
+                   headers={"content-type": "application/x-www-form-urlencoded"})  # curl -d without -H
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["error"]["message"]
     r = httpx.get(f"{server.url}/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
 
