@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine import Engine
+from server.engine import Draining, Engine, QueueFull
+from server.errors import from_submit
 from server.request import Event, Failure, Request, Result
 
 
@@ -45,3 +46,14 @@ class EventStream:
         if isinstance(event, (Result, Failure)):
             self.finished = True
         return event
+
+
+class ApiEventStream(EventStream):
+    """``EventStream`` whose refusals (bad input, queue full, draining) are ``ApiError``s: what the
+    HTTP and gRPC handlers use."""
+
+    async def __aenter__(self) -> ApiEventStream:
+        try:
+            return await super().__aenter__()
+        except (ValueError, QueueFull, Draining) as e:
+            raise from_submit(e) from None

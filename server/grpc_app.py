@@ -21,9 +21,9 @@ from grpc_reflection.v1alpha import reflection
 
 from model.params import SAMPLERS, SEED_MAX, UNCONDS, GenerationParams
 from model.sampler import default_params
-from server.aio import EventStream
-from server.engine import Draining, Engine, QueueFull
-from server.errors import ApiError, from_failure, from_submit, invalid, unauthenticated
+from server.aio import ApiEventStream
+from server.engine import Engine
+from server.errors import ApiError, from_failure, invalid, unauthenticated
 from server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from server.request import Failure, Progress, Request, Result
@@ -105,16 +105,6 @@ def progress_pb(p: Progress, seeds: list[int]) -> pb.Progress:
 # -- the service -----------------------------------------------------------------------------------------
 
 
-class _Submitting(EventStream):
-    """``EventStream`` whose refusals (bad input, queue full, draining) are API errors."""
-
-    async def __aenter__(self):
-        try:
-            return await super().__aenter__()
-        except (ValueError, QueueFull, Draining) as e:
-            raise from_submit(e) from None
-
-
 class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
     def __init__(self, engine: Engine, settings: Settings):
         self.engine, self.settings = engine, settings
@@ -123,7 +113,7 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
     async def Generate(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         try:
             req = self._request(msg, context, stream=False)
-            async with _Submitting(self.engine, req) as events:
+            async with ApiEventStream(self.engine, req) as events:
                 while True:
                     event = await events.next()
                     if isinstance(event, Result):
@@ -138,7 +128,7 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
         # at once (an abandoned generator would only be closed when garbage-collected)
         try:
             req = self._request(msg, context, stream=True)
-            async with _Submitting(self.engine, req) as events:
+            async with ApiEventStream(self.engine, req) as events:
                 seeds = [(req.params.seed + i) % (SEED_MAX + 1) for i in range(req.n)]  # resolved by submit
                 while True:
                     event = await events.next()

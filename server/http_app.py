@@ -14,9 +14,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.sampler import default_params
-from server.aio import EventStream
-from server.engine import Draining, Engine, QueueFull
-from server.errors import ApiError, from_failure, from_submit, invalid, unauthenticated, unavailable
+from server.aio import ApiEventStream, EventStream
+from server.engine import Engine
+from server.errors import ApiError, from_failure, invalid, unauthenticated, unavailable
 from server.request import Failure, Progress, Request, Result
 from server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
@@ -121,7 +121,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
                     return event
 
     def open_stream(req: Request) -> EventStream:
-        return _Submitting(engine, req)
+        return ApiEventStream(engine, req)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=[Depends(authorize)])
     async def generate(body: GenerateRequest, http: HttpRequest):
@@ -177,13 +177,3 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
         return OpenAIImagesResponse(created=int(time.time()), data=[OpenAIImage(b64_json=b64(p)) for p in result.images])
 
     return app
-
-
-class _Submitting(EventStream):
-    """``EventStream`` whose refusals (bad input, queue full, draining) are API errors."""
-
-    async def __aenter__(self):
-        try:
-            return await super().__aenter__()
-        except (ValueError, QueueFull, Draining) as e:
-            raise from_submit(e) from None
