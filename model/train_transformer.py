@@ -30,6 +30,7 @@ from model.data import ImageCaptionFolder, read_index
 from model.diffusion import ImportanceSampler, q_sample, training_loss
 from model.folder import ModelFolderError, load_into, load_model, random_model, read_weights, save_model
 from model.folder import vqvae_config_from_diffusers
+from model.null_cond import NullCondition
 from model.pipeline import VQDiffusion
 from model.tokenizer import ALPHABET, word_tokenizer
 from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
@@ -90,11 +91,23 @@ def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
+@torch.no_grad()
+def add_null_cond(model: VQDiffusion) -> VQDiffusion:
+    """The same model with a learnable null condition, started at the empty prompt's embedding (so the
+    fine-tune starts from "guidance with a null text" and learns away from it)."""
+    c = model.config.text_encoder
+    null = NullCondition(c.max_length, c.hidden_size)
+    null.embeddings.copy_(model.text_encoder.encode([""])[0])  # (L, D)
+    out = VQDiffusion(replace(model.config, learnable_null=True), model.transformer, model.vqvae, model.text_encoder, null)
+    out.generation_defaults = model.generation_defaults
+    return out
+
+
 def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion:
     if cfg.init is not None:
         model = load_model(cfg.init)
         if cfg.null_mode == "learnable" and model.null_cond is None:
-            raise ValueError(f"{cfg.init}: has no learnable null condition to train")
+            model = add_null_cond(model)  # the paper's fine-tuning of a base trained without one
         return model
     vq_dir = Path(cfg.vqvae)
     config = from_name(cfg.preset)

@@ -106,6 +106,21 @@ def test_null_modes(run):
         _cfg(run, "x", only_null=True, null_mode="none")
 
 
+def test_learnable_null_fine_tune_of_a_base_without_one(run):
+    """Table 1's protocol: a base trained without dropping captions, then fine-tuned with the learnable
+    null, which starts at the empty prompt's embedding."""
+    base = train_transformer(_cfg(run, "nn", steps=2, null_mode="none"), progress=False)
+    assert load_model(base).null_cond is None
+    tuned = load_model(train_transformer(_cfg(run, "nl", vqvae=None, init=str(base), steps=2, null_drop=1.0),
+                                         progress=False))
+    assert tuned.config.learnable_null and tuned.null_cond is not None
+    empty = load_model(base).text_encoder.encode([""])[0]
+    assert not torch.equal(tuned.null_cond.embeddings, empty)  # trained away from its start
+    assert (tuned.null_cond.embeddings - empty).abs().max() < 0.5  # ...by two small steps
+    out = sample(tuned, ["a red circle"], GenerationParams(steps=4, seed=0, uncond="null"))
+    assert out.images.shape == (1, 3, 16, 16)
+
+
 def test_cli_continues_training_from_a_model_folder(run):
     import subprocess
     import sys
