@@ -267,7 +267,6 @@ class Engine:
             key = tuple(map(id, states))
             try:
                 if key != self._kv_key:  # the batch changed: rebuild its text k/v once
-                    self._kv_key, self._kv = (), None
                     self._kv, self._kv_key = batch_text_kv(states), key
                 out = advance(self.model.transformer, self.model.schedule, states, text_kv=self._kv)
             except Exception as e:

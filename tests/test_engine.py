@@ -187,17 +187,22 @@ def test_deadline_fails_the_request_and_frees_the_batch(make_engine):
     assert engine.wait_idle(5)
 
 
-def test_a_request_with_non_finite_values_fails_alone(make_engine, model, monkeypatch):
+def corrupt_text_kv(monkeypatch, prompt: str, corrupt) -> None:
+    """Admission gives requests with this prompt corrupted cached text keys/values."""
     real_start = engine_module.start
 
-    def poisoning_start(m, prompts, params):
+    def start(m, prompts, params):
         states = real_start(m, prompts, params)
         for p, s in zip(prompts, states):
-            if p == "poison":
-                s.text_kv = torch.full_like(s.text_kv, float("nan"))
+            if p == prompt:
+                s.text_kv = corrupt(s.text_kv)
         return states
 
-    monkeypatch.setattr(engine_module, "start", poisoning_start)
+    monkeypatch.setattr(engine_module, "start", start)
+
+
+def test_a_request_with_non_finite_values_fails_alone(make_engine, model, monkeypatch):
+    corrupt_text_kv(monkeypatch, "poison", lambda kv: torch.full_like(kv, float("nan")))
     engine = make_engine()
     _, bad = submit(engine, "poison", steps=4, seed=1)
     _, good = submit(engine, "a red circle", steps=4, seed=2)
@@ -208,16 +213,7 @@ def test_a_request_with_non_finite_values_fails_alone(make_engine, model, monkey
 
 
 def test_a_step_that_raises_is_bisected_so_only_the_bad_request_fails(make_engine, model, monkeypatch):
-    real_start = engine_module.start
-
-    def breaking_start(m, prompts, params):
-        states = real_start(m, prompts, params)
-        for p, s in zip(prompts, states):
-            if p == "broken":
-                s.text_kv = s.text_kv[..., :-1]  # a wrong shape: any forward containing it raises
-        return states
-
-    monkeypatch.setattr(engine_module, "start", breaking_start)
+    corrupt_text_kv(monkeypatch, "broken", lambda kv: kv[..., :-1])  # a wrong shape: any forward with it raises
     engine = make_engine()
     subs = [submit(engine, p, steps=4, seed=i) for i, p in enumerate(["a red circle", "broken", "a blue square"])]
     outcomes = [events(q)[-1] for _, q in subs]
