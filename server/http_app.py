@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI). Handlers validate, translate, call the engine through ``EventStream``,
+"""The HTTP API (FastAPI). Handlers validate, translate, call the engine through ``ApiEventStream``,
 and serialise; every error leaves as ``{"error": {message, type, param, code}}``."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.sampler import default_params
-from server.aio import ApiEventStream, EventStream
+from server.aio import ApiEventStream
 from server.engine import Engine
 from server.errors import ApiError, from_failure, invalid, unauthenticated, unavailable
 from server.request import Failure, Progress, Request, Result
@@ -108,7 +108,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
 
     async def run(http: HttpRequest, req: Request) -> Result:
         """Submit and wait for the result; a client that disconnects cancels the request."""
-        async with open_stream(req) as events:
+        async with ApiEventStream(engine, req) as events:
             while True:
                 event = await events.next(POLL_S)
                 if event is None:
@@ -119,9 +119,6 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
                     raise from_failure(event.status, event.message)
                 if isinstance(event, Result):
                     return event
-
-    def open_stream(req: Request) -> EventStream:
-        return ApiEventStream(engine, req)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=[Depends(authorize)])
     async def generate(body: GenerateRequest, http: HttpRequest):
@@ -140,7 +137,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
     async def sse(req: Request):
         """Progress events with previews, heartbeats while nothing happens, then one final event."""
         try:
-            async with open_stream(req) as events:
+            async with ApiEventStream(engine, req) as events:
                 yield f"event: queued\ndata: {json.dumps({'id': req.id, 'seed': req.params.seed})}\n\n"
                 while True:
                     event = await events.next(settings.heartbeat_s)

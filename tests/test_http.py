@@ -224,14 +224,20 @@ def test_disconnected_clients_free_their_slot_and_count_as_cancelled(model, slow
             assert metric(s.url, "vqdiff_requests_running") == 0
 
 
+async def start_long_request(c: httpx.AsyncClient, url: str, **body) -> asyncio.Task:
+    """A 100-step posterior request (slowed by ``slow_steps``), once it is in the running batch."""
+    task = asyncio.create_task(c.post(f"{url}/v1/generate", json={
+        "prompt": "a red circle", "sampler": "posterior", "steps": 100, **body}))
+    while metric(url, "vqdiff_requests_running") < 1:
+        await asyncio.sleep(0.01)
+    return task
+
+
 def test_queue_full_is_429_with_retry_after_and_disturbs_nothing(model, slow_steps):
     with ServerThread(model, max_rows=2, max_images=1, max_waiting=0) as s:
         async def go():
             async with httpx.AsyncClient(timeout=60) as c:
-                first = asyncio.create_task(c.post(f"{s.url}/v1/generate", json={
-                    "prompt": "a red circle", "seed": 1, "sampler": "posterior", "steps": 100}))
-                while metric(s.url, "vqdiff_requests_running") < 1:
-                    await asyncio.sleep(0.01)
+                first = await start_long_request(c, s.url, seed=1)
                 refused = await c.post(f"{s.url}/v1/generate", json={"prompt": "a blue square"})
                 return await first, refused
 
@@ -261,10 +267,7 @@ def test_draining_refuses_new_work_finishes_running_and_stops(model, slow_steps)
 
     async def go():
         async with httpx.AsyncClient(timeout=60) as c:
-            running = asyncio.create_task(c.post(f"{s.url}/v1/generate", json={
-                "prompt": "a red circle", "seed": 2, "sampler": "posterior", "steps": 100}))
-            while metric(s.url, "vqdiff_requests_running") < 1:
-                await asyncio.sleep(0.01)
+            running = await start_long_request(c, s.url, seed=2)
             s.begin_stop()
             while (await c.get(f"{s.url}/readyz")).status_code == 200:
                 await asyncio.sleep(0.01)
@@ -284,10 +287,7 @@ def test_deadline_is_504_and_queued_streams_get_heartbeats(model, slow_steps):
     with ServerThread(model, max_rows=2, max_images=1, request_timeout_s=1.0, heartbeat_s=0.1) as s:
         async def go():
             async with httpx.AsyncClient(timeout=60) as c:
-                running = asyncio.create_task(c.post(f"{s.url}/v1/generate", json={
-                    "prompt": "a red circle", "sampler": "posterior", "steps": 100}))
-                while metric(s.url, "vqdiff_requests_running") < 1:
-                    await asyncio.sleep(0.01)
+                running = await start_long_request(c, s.url)
                 lines = []
                 async with c.stream("POST", f"{s.url}/v1/generate", json={
                         "prompt": "a blue square", "steps": 4, "stream": True}) as r:
