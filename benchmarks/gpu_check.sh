@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 6 (sampling-step kernels) in ONE short device call, under 8 minutes:
-#   1. tests/test_kernels.py with the compiled kernels on the GPU: every parity test on CUDA tensors
+#   1. tests/test_kernels.py (run last) with the compiled kernels on the GPU: every parity test on CUDA tensors
 #      (hash bits, guided log-probs/purity/truncation, selection, draw, the step, the tiny-model sampler)
 #      and the ITHQ-sized ones marked `gpu`;
-#   2. benchmarks/bench_kernels.py at ITHQ shapes (B = 1, 8, 32; fp32 and bf16).
-# Results go to $OUT (5 files): env.txt, kernels_tests.txt, kernels_tests.xml, bench.txt, bench.json.
+#   2. benchmarks/bench_kernels.py at ITHQ shapes (B = 1, 8, 32; fp32 and bf16);
+#   3. benchmarks/gpu_sweep.py: the measured copy bandwidth, guided_purity's launch configurations, the
+#      step's parts, and the ITHQ transformer forward beside the step.
+# Results go to $OUT (7 files): env.txt, bench.txt, bench.json, sweep.txt, sweep.json, kernels_tests.txt,
+# kernels_tests.xml.
 #
 # Needs no network: python3 with torch (CUDA), triton, pytest and transformers (the tests' conftest
 # imports the project's tokenizer); the device image has all of them. Run from the repository root:
 #     OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
-# With the device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=540); nothing to carry.
+# With the device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=560); nothing to carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
@@ -30,13 +33,17 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_check: no CUDA device here: the tests below run the kernels under the Triton interpreter only"
   status=2
 fi
-echo "== tests/test_kernels.py (compiled kernels on the GPU)"
-timeout 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py --durations=5 \
-  --junitxml="$OUT/kernels_tests.xml" 2>&1 | tee "$OUT/kernels_tests.txt" || status=1
-# (a failure here does not stop the benchmark: both results come back)
-
+# The benchmark first (the issue's targets), then the sweep around it, then the tests: each has its own
+# timeout and a failure stops none of the others. Under 8 minutes in all (about 540 s with the logs).
 echo "== benchmarks/bench_kernels.py"
-timeout 240 "$PY" benchmarks/bench_kernels.py --budget-s 180 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+timeout 170 "$PY" benchmarks/bench_kernels.py --budget-s 140 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+
+echo "== benchmarks/gpu_sweep.py"
+timeout 150 "$PY" benchmarks/gpu_sweep.py --budget-s 110 --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" || status=1
+
+echo "== tests/test_kernels.py (compiled kernels on the GPU)"
+timeout 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py --durations=5 \
+  --junitxml="$OUT/kernels_tests.xml" 2>&1 | tee "$OUT/kernels_tests.txt" || status=1
 
 echo "gpu_check: exit $status; results in $OUT"
 exit $status
