@@ -39,7 +39,7 @@ echo "== benchmarks/bench_kernels.py"
 timeout 170 "$PY" benchmarks/bench_kernels.py --budget-s 140 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
 
 echo "== benchmarks/gpu_sweep.py"
-timeout 150 "$PY" benchmarks/gpu_sweep.py --budget-s 110 --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" || status=1
+timeout 150 "$PY" benchmarks/gpu_sweep.py --budget-s 110 ${SWEEP_ARGS:-} --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" || status=1
 
 echo "== tests/test_kernels.py (compiled kernels on the GPU)"
 timeout 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py --durations=5 \

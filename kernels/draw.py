@@ -1,9 +1,11 @@
 """The token draw at the chosen positions: Eq. 11 sharpening and Gumbel-max, noise hashed in-kernel.
 
 Reference: ``model.step.draw_at`` (same signature). A position is drawn only if it was chosen (about
-Δz of N per row, 1% at ITHQ's 10 of 1024): a program loads R chosen flags and, if none is set, reads
-nothing else. For a chosen position it recomputes guided log p from the logits (K classes, fp32),
-truncates where r < 1, and takes
+Δz of N per row, 1% at ITHQ's 10 of 1024). The grid is (B, M), M = ``max_count``: program (b, j) finds
+row b's j-th chosen position from a prefix sum of the row's N flags, and reads nothing else if the row
+has fewer. So the launch is B x Δz programs that all draw, not B x N mostly idle ones (at B = 32 those
+cost ~0.1 ms of block scheduling alone on an H200). For its position a program recomputes guided
+log p from the logits (K classes, fp32), truncates where r < 1, and takes
 
     argmax_c  sharpen * log p_c + Gumbel(u(seed, step, TOKEN, n * K + c))
 
@@ -24,36 +26,41 @@ from kernels.guided import LOG_MIN, guided_log_probs, row_blocks
 from kernels.truncate import kept
 from model import rng as _model_rng
 
+MAX_N = 16384  # one row's chosen flags live in registers: one block of next_power_of_2(N)
+DRAW_WARPS = 8  # warps of a program drawing one position of K >= 2048 classes
+
 
 @triton.jit
 def _draw_kernel(
-    cond_ptr, uncond_ptr, g_ptr, r_ptr, sharpen_ptr, chosen_ptr, seed_ptr, step_ptr, out_ptr, num_rows, N, K,
-    STREAM: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, TRUNCATE: tl.constexpr,
+    cond_ptr, uncond_ptr, g_ptr, r_ptr, sharpen_ptr, chosen_ptr, seed_ptr, step_ptr, out_ptr, N, K,
+    STREAM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRUNCATE: tl.constexpr,
     PRECISE: tl.constexpr,
 ):
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (R,) flat position b * N + n
-    live = row < num_rows
-    take = tl.load(chosen_ptr + row, mask=live, other=0) != 0  # (R,)
-    if tl.max(take.to(tl.int32), axis=0) > 0:
-        b = row // N
-        n = row - b * N
+    b = tl.program_id(0)
+    j = tl.program_id(1)  # this program draws row b's j-th chosen position, if it has one
+    pos = tl.arange(0, BLOCK_N)
+    flags = (tl.load(chosen_ptr + b.to(tl.int64) * N + pos, mask=pos < N, other=0) != 0).to(tl.int32)  # (BN,)
+    hit = (flags != 0) & (tl.cumsum(flags, axis=0) == j + 1)  # (BN,): at most one position
+    if tl.sum(hit.to(tl.int32), axis=0) > 0:
+        n = tl.sum(tl.where(hit, pos, 0), axis=0)  # scalar: the position
+        row = (b * N + n).to(tl.int64) + tl.zeros([1], dtype=tl.int64)  # (1,) flat position b * N + n
+        take = row >= 0  # (1,) all true: the (R, BK) helpers take a row mask
         cls = tl.arange(0, BLOCK_K)
         kmask = cls < K
-        valid = take[:, None] & kmask[None, :]  # (R, BK): logits are read for chosen positions only
-        offs = row.to(tl.int64)[:, None] * K + cls[None, :]
-        g = tl.load(g_ptr + b, mask=take, other=1.0)
-        log_p, _ = guided_log_probs(cond_ptr, uncond_ptr, offs, valid, kmask, g, PRECISE)  # (R, BK)
+        valid = take[:, None] & kmask[None, :]  # (1, BK)
+        offs = row[:, None] * K + cls[None, :]
+        g = tl.load(g_ptr + b + tl.zeros([1], dtype=tl.int32))  # (1,)
+        log_p, _ = guided_log_probs(cond_ptr, uncond_ptr, offs, valid, kmask, g, PRECISE)  # (1, BK)
         if TRUNCATE:
-            r = tl.load(r_ptr + b, mask=take, other=1.0)
+            r = tl.load(r_ptr + b + tl.zeros([1], dtype=tl.int32))
             if tl.min(r, axis=0) < 1.0:
                 log_p = tl.where(kept(log_p, valid, r, BLOCK_K, PRECISE), log_p, LOG_MIN)
-        h = rng.row_state(tl.load(seed_ptr + b, mask=take, other=0), tl.load(step_ptr + b, mask=take, other=0),
-                          STREAM)  # (R,) uint32
-        u = rng.uniform(h[:, None], n.to(tl.int64)[:, None] * K + cls[None, :])  # (R, BK)
-        sharpen = tl.load(sharpen_ptr + row, mask=take, other=1.0)  # (R,)
-        key = sharpen[:, None] * log_p + rng.gumbel(u, PRECISE)
-        token = tl.argmax(tl.where(valid, key, float("-inf")), axis=1, tie_break_left=True)  # (R,)
-        tl.store(out_ptr + row, token.to(tl.int64), mask=take)
+        h = rng.row_state(tl.load(seed_ptr + b), tl.load(step_ptr + b), STREAM)  # uint32 scalar
+        u = rng.uniform(h, n.to(tl.int64) * K + cls)  # (BK,)
+        sharpen = tl.load(sharpen_ptr + row)  # (1,)
+        key = sharpen[:, None] * log_p + rng.gumbel(u, PRECISE)[None, :]
+        token = tl.argmax(tl.where(valid, key, float("-inf")), axis=1, tie_break_left=True)  # (1,)
+        tl.store(out_ptr + row, token.to(tl.int64))
 
 
 INTERPRETED = not isinstance(_draw_kernel, triton.runtime.JITFunction)
@@ -63,8 +70,8 @@ def draw_at(
     cond: Tensor, uncond: Tensor, guidance_scale: Tensor, truncation_rate: Tensor, sharpen: Tensor,
     chosen: Tensor, x: Tensor, seed: Tensor, step: Tensor, max_count: int | None = None, truncates: bool = True,
 ) -> Tensor:
-    """x (B, N) with a token drawn at every chosen position. See ``model.step.draw_at``; ``max_count``
-    (a bound on chosen positions per row, for the reference's gather) is not needed here."""
+    """x (B, N) with a token drawn at every chosen position. See ``model.step.draw_at``: as there, only
+    the first ``max_count`` chosen positions of a row are drawn (None: all N may be)."""
     b, n, k = check_logits(cond, uncond, INTERPRETED)
     dev = cond.device
     for name, t, dtype in (("guidance_scale", guidance_scale, torch.float32),
@@ -77,10 +84,17 @@ def draw_at(
     out = x.clone()
     if b * n == 0:
         return out
-    rows, block_k, warps = row_blocks(b * n, k)
-    _draw_kernel[(triton.cdiv(b * n, rows),)](
-        cond, uncond, guidance_scale, truncation_rate, sharpen, chosen.view(torch.uint8), seed, step, out,
-        b * n, n, k, STREAM=_model_rng.TOKEN, ROWS=rows, BLOCK_K=block_k, TRUNCATE=truncates,
-        PRECISE=not INTERPRETED, num_warps=warps, enable_fp_fusion=False,
+    m = n if max_count is None else max(0, min(int(max_count), n))
+    if m == 0:
+        return out
+    block_n = triton.next_power_of_2(n)
+    if block_n > MAX_N:
+        raise ValueError(f"N = {n} positions is more than the draw kernel holds in one block ({MAX_N})")
+    _, block_k, _ = row_blocks(1, k)
+    warps = DRAW_WARPS if k >= 2048 else 4
+    _draw_kernel[(b, m)](
+        cond, uncond, guidance_scale, truncation_rate, sharpen, chosen.view(torch.uint8), seed, step, out, n, k,
+        STREAM=_model_rng.TOKEN, BLOCK_N=block_n, BLOCK_K=block_k, TRUNCATE=truncates, PRECISE=not INTERPRETED,
+        num_warps=warps, enable_fp_fusion=False,
     )
     return out

@@ -76,17 +76,21 @@ def _guided_purity_kernel(
 INTERPRETED = not isinstance(_guided_purity_kernel, triton.runtime.JITFunction)
 
 
-def row_blocks(num_rows: int, k: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_K, num_warps) for programs that each hold ROWS whole positions of K classes.
-    Compiled: about 4096 elements a program (one ITHQ position); the interpreter pays per program,
-    so it takes 16384."""
+def row_blocks(num_rows: int, k: int, itemsize: int = 4) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_K, num_warps) for programs that each hold ROWS whole positions of K classes of
+    ``itemsize``-byte logits. Compiled: about 4096 elements a program (one ITHQ position); the
+    interpreter pays per program, so it takes 16384. Warps for a 4096-class position as measured on
+    an H200 (docs/BENCHMARKS.md, gpu_sweep.py): 16 for fp32 logits, 4 for 16-bit ones."""
     block_k = triton.next_power_of_2(max(k, 1))
     if block_k > MAX_K:
         raise ValueError(f"K = {k} classes is more than these kernels hold in one block ({MAX_K})")
     per_program = 16384 if INTERPRETED else 4096
     rows = max(1, min(per_program // block_k, triton.next_power_of_2(max(num_rows, 1))))
     elems = rows * block_k
-    warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    if elems >= 4096:
+        warps = 16 if itemsize >= 4 else 4
+    else:
+        warps = 4 if elems <= 2048 else 8
     return rows, block_k, warps
 
 
@@ -102,7 +106,7 @@ def guided_purity(
     log_p = torch.empty(b, n, k, dtype=torch.float32, device=cond.device) if with_log_p else None
     if b * n == 0:
         return purity, log_p
-    rows, block_k, warps = row_blocks(b * n, k)
+    rows, block_k, warps = row_blocks(b * n, k, cond.element_size())
     _guided_purity_kernel[(triton.cdiv(b * n, rows),)](
         cond, uncond, guidance_scale, truncation_rate, purity, purity if log_p is None else log_p, b * n, n, k,
         ROWS=rows, BLOCK_K=block_k, WRITE_LOG_P=with_log_p, TRUNCATE=truncates, PRECISE=not INTERPRETED,

@@ -311,6 +311,9 @@ def test_draw_at_matches_reference(b, n, k, dtype):
     got = ops.draw_at(cond, uncond, gs, r, sharpen, chosen, x, seed, step, max_count, True)
     assert torch.equal(got, want), (got != want).nonzero()
     assert torch.equal(got[~chosen], x[~chosen])
+    for m in (1, 0):  # a bound below the rows' counts: the first m chosen positions of each row only
+        want_m = ref.draw_at(cond, uncond, gs, r, sharpen, chosen, x, seed, step, m, True)
+        assert torch.equal(ops.draw_at(cond, uncond, gs, r, sharpen, chosen, x, seed, step, m, True), want_m)
 
 
 def test_draw_at_equals_drawing_everywhere():
