@@ -202,6 +202,22 @@ def test_guided_purity_matches_reference(b, n, k, dtype):
 
 
 @in_process
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_persistent_purity_equals_one_program_per_position(dtype):
+    """The persistent purity-only launch (any number of programs) writes the same bits."""
+    from kernels.guided import purity_persistent, row_blocks
+
+    b, n, k = 3, 13, 4096 if CUDA else 37  # compiled: K where one program holds one position, as here
+    cond, uncond = logits(b, n, k, dtype, 4.0, 21)
+    gs, r = rows_of([3.0, 1.0, 7.5], b), rows_of([1.0], b)
+    want, _ = ops.guided_purity(cond, uncond, gs, r, False, False)
+    for programs in (1, 5, b * n):
+        got = torch.full((b, n), float("nan"), device=DEVICE)
+        purity_persistent(cond, uncond, gs, got, programs, 2, row_blocks(1, k, cond.element_size(), True)[2])
+        assert torch.equal(got, want), programs
+
+
 @pytest.mark.parametrize("k", [6, 300])
 def test_truncation_ties_break_by_class_index(k):
     """bf16-like logits from a few values: many exact ties, boundaries inside tie groups."""
@@ -379,7 +395,7 @@ def step_case(b: int, n: int, k: int, dtype: torch.dtype):
     rows = [dict(guidance_scale=[3.0, 1.0, 5.0, 7.5, 2.0][i % 5], truncation_rate=[0.9, 1.0, 0.86, 1.0, 0.5][i % 5],
                  purity_weight=[1.0, 0.0, 0.0, 2.0, 0.5][i % 5], kind=kinds[i % 5], seed=2**40 + i, step=i,
                  count=[5, 9, 0, n, 0][i % 5], t_eval=[0, 0, 50, 0, 0][i % 5]) for i in range(b)]
-    return cond, uncond, x.to(DEVICE), BatchParams.build(rows, DEVICE), Schedule(DiffusionConfig(num_classes=k))
+    return cond, uncond, x.to(DEVICE), BatchParams.build(rows, DEVICE), Schedule(DiffusionConfig(num_classes=k), DEVICE)
 
 
 @in_process
