@@ -8,8 +8,6 @@ configurations, the step's parts, and the ITHQ forward the step follows.
              memory-bound kernel can reach on this card, beside the datasheet's.
 2. configs   ``_guided_purity_kernel`` (purity only) at B = 8 and 32, N = 1024, K = 4096, fp32 and bf16,
              one position a program, by num_warps: which launch reaches the ceiling.
-   persistent  the purity-only launch on a persistent grid (``_purity_kernel``), by programs per
-             multiprocessor and pipeline stages, beside a plain copy of the same bytes.
 3. draw      ``_draw_kernel`` alone (B = 1 and 32, 10 positions a row, bf16), by num_warps, with
              truncation (r = 0.86) and without: what one position's draw costs.
 4. step      ``denoise_step`` eager and replayed from a CUDA graph, kernels and references: the device
@@ -117,56 +115,6 @@ def configs(device: str, batches: list[int], n: int, k: int, copy_tbs: float | N
                 print(f"{dname:<6}{b:>4}{warps:>6}{ms:>9.4f}{gbs:>8.0f}{fr}  {rel:.1e}")
             del cond, uncond
     return results
-
-
-def persistent(device: str, batches: list[int], n: int, k: int, copy_tbs: float | None, deadline: float) -> list[dict]:
-    """The persistent purity-only launch by programs per multiprocessor and pipeline stages, beside the
-    one-program-per-position kernel and a plain copy of the same number of bytes."""
-    from kernels.guided import guided_purity, purity_persistent, row_blocks
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
-    out = []
-    print(f"\npersistent: purity only, N={n} K={k}; 'copy' moves the same bytes (read + written)")
-    print(f"{'dtype':<6}{'B':>4}{'per SM':>7}{'stages':>7}{'ms':>9}{'GB/s':>8}{'of copy':>9}  same bits")
-    for dname, dtype in DTYPES.items():
-        for b in batches:
-            g = torch.Generator(device=device).manual_seed(1)
-            cond = (torch.randn(b, n, k, device=device, generator=g) * 3).to(dtype)
-            uncond = (torch.randn(b, n, k, device=device, generator=g) * 3).to(dtype)
-            p = rows_params(b, 10, device)
-            nbytes = 2 * cond.numel() * cond.element_size() + 4 * b * n
-            src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).normal_()
-            dst = torch.empty_like(src)
-            t_copy = bench(lambda: dst.copy_(src))
-            print(f"{dname:<6}{b:>4}{'copy':>7}{'':>7}{t_copy:>9.4f}{nbytes / (t_copy * 1e-3) / 1e9:>8.0f}")
-            want, _ = guided_purity(cond, uncond, p.guidance_scale, p.truncation_rate, False, False)
-            t_one = bench(lambda: guided_purity(cond, uncond, p.guidance_scale, p.truncation_rate, False, False))
-            print(f"{dname:<6}{b:>4}{'-':>7}{'-':>7}{t_one:>9.4f}{nbytes / (t_one * 1e-3) / 1e9:>8.0f}"
-                  + (f"{100 * nbytes / (t_one * 1e-3) / (copy_tbs * 1e12):8.1f}%" if copy_tbs else ""))
-            out.append(dict(dtype=dname, batch=b, per_sm=None, stages=None, ms=t_one, copy_same_bytes_ms=t_copy))
-            warps = row_blocks(1, k, cond.element_size(), streaming=True)[2]
-            for stages in (1, 2, 3):
-                for per_sm in (2, 4, 8, 16):
-                    if time.monotonic() > deadline:
-                        print("persistent: stopped at the budget")
-                        return out
-                    got = torch.full((b, n), float("nan"), device=device)
-                    run = lambda: purity_persistent(cond, uncond, p.guidance_scale, got, per_sm * sms, stages, warps)  # noqa: E731
-                    try:
-                        run()
-                        same = bool(torch.equal(got, want))
-                        ms = bench(run)
-                    except Exception as e:  # a reported result, not fatal
-                        print(f"{dname:<6}{b:>4}{per_sm:>7}{stages:>7}  failed: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:60]}")
-                        continue
-                    gbs = nbytes / (ms * 1e-3) / 1e9
-                    fr = f"{100 * gbs / (copy_tbs * 1e3):8.1f}%" if copy_tbs else "        -"
-                    out.append(dict(dtype=dname, batch=b, per_sm=per_sm, stages=stages, ms=ms, gb_per_s=gbs,
-                                    same_bits=same, copy_same_bytes_ms=t_copy))
-                    print(f"{dname:<6}{b:>4}{per_sm:>7}{stages:>7}{ms:>9.4f}{gbs:>8.0f}{fr}  {same}")
-            del cond, uncond, src, dst
-    return out
 
 
 def step_case(device: str, b: int, n: int, k: int, count: int, dtype: torch.dtype):
@@ -318,7 +266,7 @@ def forward(device: str, images: list[int], count: int, deadline: float) -> list
     return out
 
 
-SECTIONS = ("ceiling", "configs", "persistent", "draw", "step", "parts", "forward")
+SECTIONS = ("ceiling", "configs", "draw", "step", "parts", "forward")
 
 
 def main() -> int:
@@ -346,8 +294,6 @@ def main() -> int:
         copy_tbs = res["ceiling"]["tb_per_s"] if device == "cuda" else None
     if "configs" in args.sections:
         res["configs"] = configs(device, batches, n, k, copy_tbs, deadline(0.3))
-    if "persistent" in args.sections:
-        res["persistent"] = persistent(device, batches, n, k, copy_tbs, deadline(0.7))
     if "draw" in args.sections:
         res["draw"] = draw(device, [1] + batches[-1:], n, k, count, deadline(0.55))
     if "step" in args.sections:

@@ -73,26 +73,6 @@ def _guided_purity_kernel(
         tl.store(log_p_ptr + offs, log_p, mask=valid)
 
 
-@triton.jit
-def _purity_kernel(
-    cond_ptr, uncond_ptr, g_ptr, purity_ptr, num_rows, N, K,
-    BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRECISE: tl.constexpr,
-):
-    """Purity only, on a persistent grid: program p walks positions p, p + P, p + 2P, ... so that the
-    next positions' loads are in flight (STAGES deep) while this one reduces, and no block is
-    scheduled per position. The same arithmetic as ``_guided_purity_kernel`` with ROWS = 1."""
-    cls = tl.arange(0, BLOCK_K)
-    kmask = cls < K
-    for start in tl.range(tl.program_id(0), num_rows, tl.num_programs(0), num_stages=STAGES):
-        row = start + tl.zeros([1], dtype=tl.int32)  # (1,) flat position b * N + n
-        b = row // N
-        valid = (row >= 0)[:, None] & kmask[None, :]  # (1, BK)
-        offs = row.to(tl.int64)[:, None] * K + cls[None, :]  # (1, BK)
-        g = tl.load(g_ptr + b)  # (1,)
-        _, log_s = guided_log_probs(cond_ptr, uncond_ptr, offs, valid, kmask, g, PRECISE)
-        tl.store(purity_ptr + row, precise.exp(clamp_log(-log_s), PRECISE))
-
-
 INTERPRETED = not isinstance(_guided_purity_kernel, triton.runtime.JITFunction)
 
 
@@ -116,23 +96,6 @@ def row_blocks(num_rows: int, k: int, itemsize: int = 4, streaming: bool = False
     return rows, block_k, warps
 
 
-# (programs per multiprocessor, pipeline stages) of the persistent purity-only launch, or None: one
-# program per position (both measured in benchmarks/gpu_sweep.py; docs/BENCHMARKS.md).
-PERSISTENT: tuple[int, int] | None = None
-
-
-def purity_persistent(cond: Tensor, uncond: Tensor, guidance_scale: Tensor, purity: Tensor, programs: int,
-                      stages: int, warps: int) -> Tensor:
-    """Fill ``purity`` (B, N) fp32 from ``_purity_kernel`` on ``programs`` programs (inputs as checked
-    by ``guided_purity``)."""
-    b, n, k = cond.shape
-    _purity_kernel[(max(1, min(programs, b * n)),)](
-        cond, uncond, guidance_scale, purity, b * n, n, k, BLOCK_K=triton.next_power_of_2(k), STAGES=stages,
-        PRECISE=not INTERPRETED, num_warps=warps, enable_fp_fusion=False,
-    )
-    return purity
-
-
 def guided_purity(
     cond: Tensor, uncond: Tensor, guidance_scale: Tensor, truncation_rate: Tensor,
     with_log_p: bool = False, truncates: bool = True,
@@ -146,11 +109,6 @@ def guided_purity(
     if b * n == 0:
         return purity, log_p
     rows, block_k, warps = row_blocks(b * n, k, cond.element_size(), streaming=not with_log_p)
-    if not with_log_p and PERSISTENT is not None and block_k >= 2048 and not INTERPRETED:
-        per_sm, stages = PERSISTENT
-        programs = min(b * n, per_sm * torch.cuda.get_device_properties(cond.device).multi_processor_count)
-        purity_persistent(cond, uncond, guidance_scale, purity, programs, stages, warps)
-        return purity, log_p
     _guided_purity_kernel[(triton.cdiv(b * n, rows),)](
         cond, uncond, guidance_scale, truncation_rate, purity, purity if log_p is None else log_p, b * n, n, k,
         ROWS=rows, BLOCK_K=block_k, WRITE_LOG_P=with_log_p, TRUNCATE=truncates, PRECISE=not INTERPRETED,
