@@ -76,21 +76,21 @@ def _guided_purity_kernel(
 INTERPRETED = not isinstance(_guided_purity_kernel, triton.runtime.JITFunction)
 
 
-def row_blocks(num_rows: int, k: int, itemsize: int = 4, streaming: bool = False) -> tuple[int, int, int]:
+def row_blocks(num_rows: int, k: int, itemsize: int = 4) -> tuple[int, int, int]:
     """(ROWS, BLOCK_K, num_warps) for programs that each hold ROWS whole positions of K classes of
     ``itemsize``-byte logits. Compiled: about 4096 elements a program (one ITHQ position); the
-    interpreter pays per program, so it takes 16384. ``streaming``: the program only reads and
-    reduces (purity only); then the warps for a 4096-class position are those measured best on an
-    H200 (docs/BENCHMARKS.md, gpu_sweep.py): 16 for fp32 logits, 4 for 16-bit ones. Programs that
-    truncate or write log p keep 8 (16 doubled the fp32 log-p path's time there)."""
+    interpreter pays per program, so it takes 16384. A 4096-class position of 16-bit logits takes 4
+    warps, of fp32 ones 8 (measured on an H200: docs/BENCHMARKS.md). The warps depend on nothing
+    but K and the dtype: they fix the order of the softmax sum, so purity has the same bits whether
+    or not log p is written (a posterior row in the batch must not change a purity row's draw)."""
     block_k = triton.next_power_of_2(max(k, 1))
     if block_k > MAX_K:
         raise ValueError(f"K = {k} classes is more than these kernels hold in one block ({MAX_K})")
     per_program = 16384 if INTERPRETED else 4096
     rows = max(1, min(per_program // block_k, triton.next_power_of_2(max(num_rows, 1))))
     elems = rows * block_k
-    if streaming and elems >= 4096:
-        warps = 16 if itemsize >= 4 else 4
+    if elems == 4096 and itemsize < 4:
+        warps = 4
     else:
         warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
     return rows, block_k, warps
@@ -108,7 +108,7 @@ def guided_purity(
     log_p = torch.empty(b, n, k, dtype=torch.float32, device=cond.device) if with_log_p else None
     if b * n == 0:
         return purity, log_p
-    rows, block_k, warps = row_blocks(b * n, k, cond.element_size(), streaming=not with_log_p)
+    rows, block_k, warps = row_blocks(b * n, k, cond.element_size())
     _guided_purity_kernel[(triton.cdiv(b * n, rows),)](
         cond, uncond, guidance_scale, truncation_rate, purity, purity if log_p is None else log_p, b * n, n, k,
         ROWS=rows, BLOCK_K=block_k, WRITE_LOG_P=with_log_p, TRUNCATE=truncates, PRECISE=not INTERPRETED,
