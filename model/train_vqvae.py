@@ -20,7 +20,7 @@ from model.config import VQVAEConfig, from_name
 from model.data import ImageCaptionFolder
 from model.folder import save_component, vqvae_config_to_diffusers
 from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
-from model.vqvae import VQVAE
+from model.vqvae import VQVAE, identical_patch_loss
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class VQVAETrainConfig:
     lr: float = 2e-4
     ema_decay: float = 0.99  # codebook by EMA of assigned encoder outputs (0 = by gradient)
     restart_below: float = 0.1  # EMA usage under which a code is moved onto a random latent (0 = never)
+    restart_by_error: bool = False  # draw restart latents by squared distance to their code (k-means++)
+    tie_weight: float = 0.0  # weight of identical_patch_loss: pixel-identical patches, one latent
     log_every: int = 50
     ckpt_every: int = 200
     seed: int = 0
@@ -72,9 +74,11 @@ def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
         if cfg.ema_decay and step == 0:  # start the codebook on data, not near zero
             with torch.no_grad():
                 vqvae.restart_codes(vqvae.encode(x), float("inf"), g)
-        recon, tokens, vq_loss = vqvae(x, ema_decay=cfg.ema_decay or None, restart_below=cfg.restart_below, generator=g)
+        recon, tokens, vq_loss, z_e = vqvae(x, ema_decay=cfg.ema_decay or None, restart_below=cfg.restart_below,
+                                            generator=g, restart_by_error=cfg.restart_by_error)
         rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        loss = rec_loss + vq_loss
+        tie = identical_patch_loss(x, z_e) if cfg.tie_weight else None
+        loss = rec_loss + vq_loss + (cfg.tie_weight * tie if tie is not None else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -86,6 +90,7 @@ def train_vqvae(cfg: VQVAETrainConfig, progress: bool = True) -> Path:
             perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
             rec = {"step": step, "loss": round(loss.item(), 5), "rec": round(rec_loss.item(), 5),
                    "vq": round(vq_loss.item(), 5), "codes_used": int((used > 0).sum()),
+                   **({"tie": round(tie.item(), 5)} if tie is not None else {}),
                    "perplexity": round(perplexity, 1), "elapsed_s": round(time.time() - t0, 1)}
             log.write(rec)
             bar.set_postfix(loss=rec["loss"], codes=rec["codes_used"])

@@ -88,3 +88,11 @@ def test_cli_train_vqvae(data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "vqvae", "--data", str(tmp_path / "none"),
                         "--out", str(tmp_path / "run2"), "--quiet"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "data folder not found" in r.stderr
+
+
+def test_tie_weight_and_error_restarts_train_and_log_the_tie_term(data, tmp_path):
+    train_vqvae(VQVAETrainConfig(data=str(data), out=str(tmp_path / "t"), steps=3, batch_size=8, log_every=1,
+                                 ckpt_every=3, tie_weight=1.0, restart_by_error=True), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "t" / "train.log").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(np.isfinite(r["tie"]) and r["tie"] >= 0 for r in log)

@@ -113,7 +113,7 @@ def test_straight_through_gradient_reaches_encoder():
     torch.manual_seed(0)
     model = VQVAE(cfg).train()
     images = torch.rand(2, 3, cfg.sample_size, cfg.sample_size)
-    recon, tokens, vq_loss = model(images)
+    recon, tokens, vq_loss, _ = model(images)
     assert recon.shape == images.shape and tokens.shape == (2, 64) and tokens.dtype == torch.long
     assert 0 <= tokens.min() and tokens.max() < cfg.num_vq_embeddings
     assert torch.isfinite(vq_loss) and vq_loss.item() > 0
@@ -167,7 +167,7 @@ def test_ema_update_moves_codes_toward_assigned_latents():
     images = torch.rand(2, 3, cfg.sample_size, cfg.sample_size)
     z_e = model.encode(images).detach()
     _, tokens, _ = model.quantize_latents(z_e)
-    _, _, loss = model(images, ema_decay=0.5)
+    _, _, loss, _ = model(images, ema_decay=0.5)
     after = model.quantize.embedding.weight.detach()
     used = tokens.unique()
     unused = torch.ones(cfg.num_vq_embeddings, dtype=torch.bool)
@@ -210,3 +210,41 @@ def test_restart_codes_moves_only_rarely_used_codes_onto_latents():
     assert again.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(5)) == \
         model.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(5))
     assert torch.equal(again.codebook, model.codebook)
+
+
+def test_identical_patch_loss_ties_only_pixel_identical_patches():
+    from model.vqvae import identical_patch_loss
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8)  # 2 x 2 patches of 4 x 4: all distinct
+    images[:, :, :4, :4] = 1.0  # the top-left patch of both images is plain white: one group of two
+    z_e = torch.randn(2, 5, 2, 2, requires_grad=True)
+    loss = identical_patch_loss(images, z_e)
+    want = (z_e[0, :, 0, 0] - z_e[1, :, 0, 0]).pow(2).mean() / 4  # each member is half the gap from the mean
+    assert torch.allclose(loss, want)
+    loss.backward()
+    grad = z_e.grad.abs().sum(1)  # (B, h, w)
+    assert (grad[:, 0, 0] > 0).all() and grad.flatten()[[1, 2, 3, 5, 6, 7]].eq(0).all()  # unique patches: untouched
+    z_tied = z_e.detach().clone()
+    z_tied[1, :, 0, 0] = z_tied[0, :, 0, 0]
+    assert identical_patch_loss(images, z_tied).item() == 0.0
+    # no identical patches: 0 with a graph; latents that do not tile the images: a clear error
+    assert identical_patch_loss(torch.rand(2, 3, 8, 8), z_e).item() == 0.0
+    with pytest.raises(ValueError, match="do not tile"):
+        identical_patch_loss(torch.rand(2, 3, 8, 9), z_e)
+
+
+def test_restart_codes_by_error_picks_only_weighted_latents():
+    cfg = tiny().vqvae
+    torch.manual_seed(0)
+    model = VQVAE(cfg).train()
+    z_e = model.encode(torch.rand(4, 3, cfg.sample_size, cfg.sample_size)).detach()
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, cfg.vq_embed_dim)  # (BHW, D)
+    model.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(1))
+    model.ema_count[:] = 1.0
+    model.ema_count[[2, 5, 9]] = 0.0
+    weights = torch.zeros(flat.shape[0])
+    weights[[4, 11, 30]] = torch.tensor([1.0, 2.0, 3.0])  # the only latents the codebook fits badly
+    assert model.restart_codes(z_e, 0.1, torch.Generator().manual_seed(2), weights=weights) == 3
+    moved = model.codebook.detach()[[2, 5, 9]]  # (3, D): exactly the three weighted latents, each once
+    assert sorted((moved[:, None, :] == flat[None, [4, 11, 30], :]).all(-1).nonzero()[:, 1].tolist()) == [0, 1, 2]

@@ -190,8 +190,8 @@ def cmd_train_vqvae(args: argparse.Namespace) -> None:
 
     cfg = VQVAETrainConfig(data=str(args.data), out=str(args.out), preset=args.preset, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
-                           restart_below=args.restart_below,
-                           ckpt_every=args.ckpt_every, log_every=args.log_every)
+                           restart_below=args.restart_below, restart_by_error=args.restart_by == "error",
+                           tie_weight=args.tie_weight, ckpt_every=args.ckpt_every, log_every=args.log_every)
     print(train_vqvae(cfg, progress=not args.quiet))
 
 
@@ -281,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--ema-decay", type=float, default=0.99)
     s.add_argument("--restart-below", type=float, default=0.1, help="EMA usage below which a code restarts")
+    s.add_argument("--restart-by", choices=["uniform", "error"], default="uniform",
+                   help="where restarted codes go: a uniformly drawn latent, or one drawn in proportion to its "
+                        "squared distance from its code (k-means++)")
+    s.add_argument("--tie-weight", type=float, default=0.0,
+                   help="weight of the loss tying the latents of pixel-identical patches (0: off)")
     s.add_argument("--ckpt-every", type=int, default=200)
     s.add_argument("--log-every", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
