@@ -185,7 +185,9 @@ class VQVAEOutput(NamedTuple):
 
 def identical_patch_loss(images: torch.Tensor, z_e: torch.Tensor) -> torch.Tensor:
     """Tie the latents of pixel-identical patches: mean squared distance of each latent to the mean
-    latent of its group, over groups of at least two patches of this batch with the same 8-bit pixels.
+    latent of its group, over groups of at least two patches of this batch with the same 8-bit pixels,
+    over the variance of all the batch's latents (so the encoder cannot lower it by shrinking z:
+    unnormalised, weight 1 collapsed a shapes run to 2 codes in 50 steps).
 
     images (B, 3, H, W) in [0, 1]; z_e (B, D, h, w), one latent per f x f patch (f = H / h). An
     encoder sees the whole image (GroupNorm statistics, receptive fields, attention), so the same
@@ -208,7 +210,8 @@ def identical_patch_loss(images: torch.Tensor, z_e: torch.Tensor) -> torch.Tenso
     tied = count[group] > 1  # (BHW,)
     if not bool(tied.any()):
         return flat.sum() * 0.0
-    return (flat[tied] - mean[group[tied]]).pow(2).mean()
+    spread = (flat - flat.mean(0)).pow(2).mean()  # the batch's latent variance: shrinking z cannot pay
+    return (flat[tied] - mean[group[tied]]).pow(2).mean() / (spread + 1e-8)
 
 
 class VQVAE(nn.Module):
