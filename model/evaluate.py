@@ -31,6 +31,32 @@ def vqvae_ceiling(vqvae, n: int = 500, seed: int = 12345, split: str = "train", 
     return ok / n
 
 
+def _bits(tokens: torch.Tensor) -> float:
+    """Entropy in bits of the empirical distribution of ``tokens`` (any shape)."""
+    p = torch.bincount(tokens.flatten()).float()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log2()).sum()) if p.numel() else 0.0
+
+
+@torch.no_grad()
+def tokeniser_stats(vqvae, n: int = 512, seed: int = 12345, split: str = "train") -> dict:
+    """How a VQVAE spends its codes on n dataset images: codes used, bits per token, and the same
+    for plain patches (every pixel one colour) and for plain-white ones: a generator must predict
+    every distinction the tokeniser makes, even those the decoder renders alike."""
+    vqvae.eval()
+    x = torch.from_numpy(np.stack([shapes.generate(i, seed=seed, split=split)[0] for i in range(n)]))  # (n, H, W, 3)
+    tokens = vqvae.tokenize(x.permute(0, 3, 1, 2).float() / 255)  # (n, h*w)
+    f = x.shape[1] // int(round(tokens.shape[1] ** 0.5))
+    patches = x.unfold(1, f, f).unfold(2, f, f).reshape(n, -1, 3, f * f)  # (n, h*w, 3, f*f)
+    plain = (patches == patches[..., :1]).all(-1).all(-1)  # (n, h*w)
+    white = plain & (patches[..., 0] == 255).all(-1)
+    out = {"images": n, "codes_used": int(tokens.unique().numel()), "bits_per_token": round(_bits(tokens), 2)}
+    for name, m in (("plain", plain), ("white", white)):
+        out |= {f"{name}_share": round(float(m.float().mean()), 3), f"{name}_codes": int(tokens[m].unique().numel()),
+                f"{name}_bits": round(_bits(tokens[m]), 2)}
+    return out
+
+
 def failure(parsed: shapes.Parsed, stated: shapes.Stated) -> str | None:
     """Why an image misses its prompt, the first reason that applies: ``unclean`` (mixed colours or a
     broken shape: the joint-distribution failure), ``count`` (wrong number of objects), ``attributes``

@@ -251,3 +251,20 @@ def test_restart_codes_by_error_picks_only_weighted_latents():
     assert model.restart_codes(z_e, 0.1, torch.Generator().manual_seed(2), weights=weights) == 3
     moved = model.codebook.detach()[[2, 5, 9]]  # (3, D): exactly the three weighted latents, each once
     assert sorted((moved[:, None, :] == flat[None, [4, 11, 30], :]).all(-1).nonzero()[:, 1].tolist()) == [0, 1, 2]
+
+
+def test_tokeniser_stats_counts_codes_and_bits_of_plain_patches():
+    from model.evaluate import tokeniser_stats
+
+    class Fixed:  # a "VQVAE" giving white patches code 0 and every other patch its position + 1
+        def eval(self):
+            return self
+
+        def tokenize(self, images):  # (n, 3, 32, 32) -> (n, 64)
+            n = images.shape[0]
+            white = (images.unfold(2, 4, 4).unfold(3, 4, 4) == 1).flatten(-2).all(-1).all(1).reshape(n, 64)
+            return torch.where(white, 0, torch.arange(1, 65).expand(n, 64))
+
+    s = tokeniser_stats(Fixed(), n=8)
+    assert s["white_codes"] == 1 and s["white_bits"] == 0.0 and 0.3 < s["white_share"] < 1
+    assert s["plain_share"] >= s["white_share"] and s["codes_used"] > 1 and s["bits_per_token"] > 0

@@ -1,0 +1,46 @@
+"""How a trained VQVAE tokenises the shapes data: codes and bits per token (all patches, plain
+patches, plain-white ones) and its ceiling (reconstructions the parser reads exactly) on both splits.
+
+    .venv/bin/python benchmarks/tokeniser.py --vqvae models/default/vqvae [--n 1000]
+
+--vqvae takes a component folder (MODEL/vqvae, or OUT/vqvae of `vqdiff train vqvae`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.evaluate import tokeniser_stats, vqvae_ceiling
+from model.folder import _diffusers_stems, load_into, read_weights, vqvae_config_from_diffusers
+from model.vqvae import VQVAE
+
+
+def load_vqvae(folder: Path) -> VQVAE:
+    config = vqvae_config_from_diffusers(json.loads((folder / "config.json").read_text()), folder / "config.json")
+    with torch.device("meta"):
+        vqvae = VQVAE(config)
+    load_into(vqvae, *read_weights(folder, _diffusers_stems()))
+    return vqvae.float().eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vqvae", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=1000, help="images per measurement")
+    args = ap.parse_args()
+    vqvae = load_vqvae(args.vqvae)
+    stats = tokeniser_stats(vqvae, n=args.n)
+    stats["ceiling_train"] = vqvae_ceiling(vqvae, n=args.n, split="train")
+    stats["ceiling_heldout"] = vqvae_ceiling(vqvae, n=args.n // 2, split="heldout")
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()
