@@ -13,21 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.evaluate import tokeniser_stats, vqvae_ceiling
-from model.folder import _diffusers_stems, load_into, read_weights, vqvae_config_from_diffusers
-from model.vqvae import VQVAE
-
-
-def load_vqvae(folder: Path) -> VQVAE:
-    config = vqvae_config_from_diffusers(json.loads((folder / "config.json").read_text()), folder / "config.json")
-    with torch.device("meta"):
-        vqvae = VQVAE(config)
-    load_into(vqvae, *read_weights(folder, _diffusers_stems()))
-    return vqvae.float().eval()
+from model.folder import load_vqvae
 
 
 def main() -> None:

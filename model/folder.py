@@ -281,6 +281,16 @@ def load_into(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
 # ---------------------------------------------------------------- whole folders
 
 
+def load_vqvae(component: str | Path) -> VQVAE:
+    """One VQVAE component folder (MODEL/vqvae, or OUT/vqvae of ``vqdiff train vqvae``), fp32, eval."""
+    component = Path(component)
+    config = vqvae_config_from_diffusers(_read_json(p := component / "config.json"), p)
+    with torch.device("meta"):
+        vqvae = VQVAE(config)
+    load_into(vqvae, *read_weights(component, _diffusers_stems()))
+    return vqvae.float().eval()
+
+
 def load_model(
     folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     variant: str | None = None,

@@ -268,3 +268,14 @@ def test_tokeniser_stats_counts_codes_and_bits_of_plain_patches():
     s = tokeniser_stats(Fixed(), n=8)
     assert s["white_codes"] == 1 and s["white_bits"] == 0.0 and 0.3 < s["white_share"] < 1
     assert s["plain_share"] >= s["white_share"] and s["codes_used"] > 1 and s["bits_per_token"] > 0
+
+
+def test_load_vqvae_reads_a_component_folder_as_load_model_does():
+    from pathlib import Path
+
+    from model.folder import load_model, load_vqvae
+
+    root = Path(__file__).resolve().parents[1] / "models" / "default"
+    alone, whole = load_vqvae(root / "vqvae"), load_model(root).vqvae
+    assert not alone.training and alone.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in alone.state_dict().items())
