@@ -15,7 +15,6 @@ rewritten at every checkpoint, so a stopped run still leaves a usable model.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -28,8 +27,7 @@ from tqdm import tqdm
 from model.config import from_name
 from model.data import ImageCaptionFolder, read_index
 from model.diffusion import ImportanceSampler, q_sample, training_loss
-from model.folder import ModelFolderError, load_into, load_model, random_model, read_weights, save_model
-from model.folder import vqvae_config_from_diffusers
+from model.folder import ModelFolderError, load_into, load_model, load_vqvae, random_model, save_model
 from model.null_cond import NullCondition
 from model.pipeline import VQDiffusion
 from model.tokenizer import ALPHABET, word_tokenizer
@@ -111,7 +109,8 @@ def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion
         return model
     vq_dir = Path(cfg.vqvae)
     config = from_name(cfg.preset)
-    vq_config = vqvae_config_from_diffusers(json.loads((vq_dir / "config.json").read_text()), vq_dir / "config.json")
+    vqvae = load_vqvae(vq_dir)
+    vq_config = vqvae.config
     if vq_config.num_vq_embeddings != config.vqvae.num_vq_embeddings or vq_config.downsample != config.vqvae.downsample:
         raise ModelFolderError(f"{vq_dir}: its VQVAE does not fit preset {cfg.preset!r} (codebook size or downsampling)")
     config = replace(config, vqvae=vq_config, learnable_null=cfg.null_mode == "learnable")
@@ -119,7 +118,7 @@ def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion
     if len(tokenizer) > config.text_encoder.vocab_size:
         config = replace(config, text_encoder=replace(config.text_encoder, vocab_size=len(tokenizer)))
     model = random_model(config, tokenizer, seed=cfg.seed)
-    load_into(model.vqvae, *read_weights(vq_dir, {"safetensors": "diffusion_pytorch_model", "bin": "diffusion_pytorch_model"}))
+    load_into(model.vqvae, vqvae.state_dict(), str(vq_dir))
     return model
 
 
