@@ -91,13 +91,24 @@ class ImageCaptionFolder(Dataset):
         return self._cache[i], caption
 
 
-def write_folder(folder: str | Path, items) -> Path:
-    """Write (uint8 (H, W, 3) image, caption) pairs as a captions.jsonl folder."""
+def write_folder(folder: str | Path, items, append: bool = False) -> Path:
+    """Write (uint8 (H, W, 3) image, caption) pairs as a captions.jsonl folder.
+
+    ``append`` adds them after the pairs already there (numbering continues), so one folder can
+    hold several sources in a known order; otherwise the folder must not hold a captions.jsonl."""
     folder = Path(folder)
+    index = folder / "captions.jsonl"
+    start = 0
+    if index.is_file():
+        if not append:
+            raise FileExistsError(f"{index} exists; pass append=True to add to it, or choose a new folder")
+        start = sum(1 for line in index.read_text().splitlines() if line.strip())
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    with open(folder / "captions.jsonl", "w") as f:
-        for i, (image, caption) in enumerate(items):
+    with open(index, "a") as f:
+        for i, (image, caption) in enumerate(items, start):
             name = f"images/{i:06d}.png"
+            if (folder / name).exists():
+                raise FileExistsError(f"{folder / name} exists but is not listed in {index}")
             Image.fromarray(image).save(folder / name)
             f.write(json.dumps({"image": name, "caption": caption}) + "\n")
     return folder

@@ -79,6 +79,34 @@ def test_training_reduces_reconstruction_loss(data, tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
+def test_append_continues_a_folder_and_refuses_to_overwrite(tmp_path):
+    folder = write_folder(tmp_path / "mix", _images(3, seed=1))
+    with pytest.raises(FileExistsError, match="append=True"):
+        write_folder(folder, _images(2, seed=2))
+    write_folder(folder, _images(2, seed=2), append=True)
+    pairs = read_index(folder)
+    assert [c for _, c in pairs] == [f"a square number {i}" for i in (0, 1, 2, 0, 1)]
+    second = next(_images(2, seed=2))[0]
+    assert np.array_equal(np.asarray(Image.open(pairs[3][0])), second)  # the appended images, in order
+
+
+def test_cli_data_shapes_writes_generate_in_order(tmp_path):
+    from model.shapes import generate
+
+    out = tmp_path / "mix"
+    for extra in ([], ["--split", "heldout", "--seed", "7", "--start", "5", "--append"]):
+        r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "data", "shapes", str(out), "--n", "3", "--quiet", *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    pairs = read_index(out)
+    want = [generate(i) for i in range(3)] + [generate(i, seed=7, split="heldout") for i in range(5, 8)]
+    assert [c for _, c in pairs] == [w[1] for w in want]
+    assert np.array_equal(np.asarray(Image.open(pairs[4][0])), want[4][0])
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "data", "shapes", str(out), "--n", "3", "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "append" in r.stderr and len(read_index(out)) == 6  # nothing overwritten
+
+
 def test_cli_train_vqvae(data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "vqvae", "--data", str(data), "--out",
                         str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--quiet"],

@@ -178,6 +178,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(settings)
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from model.data import write_folder
+    from model.shapes import generate
+
+    if args.n < 1:
+        raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
+    if args.start < 0:
+        raise ValueError(f"--start: {args.start} is not allowed; expected an integer >= 0")
+    indices = tqdm(range(args.start, args.start + args.n), desc="images", unit="img", disable=args.quiet)
+    pairs = ((image, caption) for image, caption, _, _ in (generate(i, seed=args.seed, split=args.split) for i in indices))
+    write_folder(args.out, pairs, append=args.append)
+    print(f"{args.out}: {'appended ' if args.append else ''}{args.n} images, split {args.split}, seed {args.seed}, "
+          f"generate(i) for i in [{args.start}, {args.start + args.n})")
+
+
 def cmd_train_features(args: argparse.Namespace) -> None:
     from model.features import train_features
 
@@ -261,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, help="seconds running requests get on SIGTERM (default 30)")
     s.add_argument("--api-keys", help="comma-separated keys; none: no authentication")
     s.set_defaults(func=cmd_serve)
+
+    data = sub.add_parser("data", help="write datasets as image-caption folders").add_subparsers(dest="what", required=True)
+    s = data.add_parser("shapes", help="the procedural shapes dataset (model/shapes.py), deterministic from a seed")
+    s.add_argument("out", type=Path, help="image-caption folder to write (captions.jsonl + images/)")
+    s.add_argument("--n", type=int, required=True, help="images")
+    s.add_argument("--start", type=int, default=0, help="first index: images are generate(i) for i in [start, start + n)")
+    s.add_argument("--split", choices=["train", "heldout"], default="train",
+                   help="train: the held-out colour/shape pairs never appear; heldout: the first object is one of them")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--append", action="store_true", help="add to an existing folder (numbering continues)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_data_shapes)
 
     train = sub.add_parser("train", help="training entry points (resumable)").add_subparsers(dest="what", required=True)
 
