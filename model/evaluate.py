@@ -6,6 +6,8 @@ is honoured when the image parses cleanly and every stated attribute and relatio
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -73,6 +75,29 @@ def failure(parsed: shapes.Parsed, stated: shapes.Stated) -> str | None:
     return "relation" if shapes.satisfies(parsed, replace(stated, relation=None)) else "attributes"
 
 
+def fact_tally(parsed: shapes.Parsed, stated: shapes.Stated) -> dict[str, tuple[int, int]]:
+    """Per kind of stated fact (shape, colour, size, place, relation): (shown, stated) in one image.
+
+    Objects are assigned to mentions the way that shows the most stated facts. Only images with the
+    stated number of objects are tallied ({} otherwise: those miss as ``count``). An unclean image
+    is tallied too; a blob of no recognisable shape shows no shape."""
+    if len(parsed.objects) != len(stated.mentions):
+        return {}
+    best: list[tuple[str, bool]] | None = None
+    for perm in itertools.permutations(parsed.objects):
+        facts = [kv for o, m in zip(perm, stated.mentions) for kv in shapes.mention_facts(o, m, stated.image_size).items()]
+        if stated.relation is not None:
+            i, rel, j = stated.relation
+            facts.append(("relation", shapes.relation_holds(perm[i], perm[j], rel, stated.image_size)))
+        if best is None or sum(ok for _, ok in facts) > sum(ok for _, ok in best):
+            best = facts
+    tally: dict[str, tuple[int, int]] = {}
+    for kind, ok in best or []:
+        shown, n = tally.get(kind, (0, 0))
+        tally[kind] = (shown + int(ok), n + 1)
+    return tally
+
+
 def _signature(parsed: shapes.Parsed) -> tuple:
     """A coarse description of what an image shows, to count distinct outcomes of one prompt."""
     return tuple(sorted((o.shape or "?", o.colour, o.size, round(o.cx / 4), round(o.cy / 4)) for o in parsed.objects))
@@ -85,7 +110,9 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
 
     Returns prompt fidelity (clean and every stated fact holds), quality (parses cleanly), diversity
     (distinct outcomes per prompt / samples; only with samples > 1), and the images (uint8) in prompt
-    order for a grid. With ``features`` (a ``model.features.FeatureNet``), also ``fd``: the Fréchet
+    order for a grid; ``failures`` counts why images miss (``failure``) and ``facts`` maps each kind of
+    stated fact to (shown, stated) summed over the images with the right object count (``fact_tally``),
+    which says what the model gets wrong. With ``features`` (a ``model.features.FeatureNet``), also ``fd``: the Fréchet
     distance between the generated images and one real image drawn for each prompt.
     """
     from dataclasses import replace
@@ -95,7 +122,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     base = params or default_params(model)
     prompts = shapes.prompt_set(kind, split, n, seed=seed)
     jobs = [(p, replace(base, seed=seed * 1_000_003 + i * samples + j)) for i, p in enumerate(prompts) for j in range(samples)]
-    images, faithful, clean, signatures, failures = [], [], [], {}, {}
+    images, faithful, clean, signatures, failures, facts = [], [], [], {}, {}, {}
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         out = to_uint8(sample(model, [p[0] for p, _ in chunk], [q for _, q in chunk]).images)
@@ -107,12 +134,15 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
             faithful.append(why is None)
             if why is not None:
                 failures[why] = failures.get(why, 0) + 1
+            for fact, (shown, n_stated) in fact_tally(parsed, stated).items():
+                a, b = facts.get(fact, (0, 0))
+                facts[fact] = (a + shown, b + n_stated)
             signatures.setdefault((start + k) // samples, set()).add(_signature(parsed))
         if on_batch is not None:
             on_batch(len(images), len(jobs))
     result = {"kind": kind, "split": split, "prompts": n, "samples": samples,
               "fidelity": float(np.mean(faithful)), "quality": float(np.mean(clean)), "images": np.stack(images),
-              "failures": failures}
+              "failures": failures, "facts": facts}
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
     if features is not None:

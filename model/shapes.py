@@ -381,10 +381,21 @@ def parse(image: np.ndarray) -> Parsed:
     return Parsed(tuple(objects), bool(clean))
 
 
+def mention_facts(obj: ParsedObj, m: Mention, image_size: int) -> dict[str, bool]:
+    """Each fact the mention states ("shape", "colour", "size", "place") and whether ``obj`` shows it."""
+    facts = {a: getattr(obj, a) == getattr(m, a) for a in ("shape", "colour", "size") if getattr(m, a) is not None}
+    if m.place is not None:
+        facts["place"] = _at(obj, m.place, image_size, generating=False)
+    return facts
+
+
+def relation_holds(a: ParsedObj, b: ParsedObj, rel: str, image_size: int) -> bool:
+    """``a`` is ``rel`` of ``b``, by the check margin (the one ``satisfies`` uses)."""
+    return _holds(a, b, rel, _rel_margin(image_size, generating=False))
+
+
 def _matches(obj: ParsedObj, m: Mention, image_size: int) -> bool:
-    return ((m.shape is None or obj.shape == m.shape) and (m.colour is None or obj.colour == m.colour)
-            and (m.size is None or obj.size == m.size)
-            and (m.place is None or _at(obj, m.place, image_size, generating=False)))
+    return all(mention_facts(obj, m, image_size).values())
 
 
 def satisfies(objects: Parsed | Sequence[ParsedObj], stated: Stated) -> bool:
@@ -392,13 +403,12 @@ def satisfies(objects: Parsed | Sequence[ParsedObj], stated: Stated) -> bool:
     objs = objects.objects if isinstance(objects, Parsed) else tuple(objects)
     if len(objs) != len(stated.mentions):
         return False
-    margin = _rel_margin(stated.image_size, generating=False)
     for perm in itertools.permutations(objs):  # at most 3! assignments
         if not all(_matches(o, m, stated.image_size) for o, m in zip(perm, stated.mentions)):
             continue
         if stated.relation is not None:
             i, rel, j = stated.relation
-            if not _holds(perm[i], perm[j], rel, margin):
+            if not relation_holds(perm[i], perm[j], rel, stated.image_size):
                 continue
         return True
     return False

@@ -141,6 +141,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for r in rows:
         why = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items(), key=lambda kv: -kv[1])) or "none"
         print(f"misses ({r['kind']}, {r['split']}): {why}")
+    for r in rows:
+        shown = ", ".join(f"{k} {a / n:.2f} ({a}/{n})" for k, (a, n) in sorted(r["facts"].items())) or "none"
+        print(f"facts shown, right-count images ({r['kind']}, {r['split']}): {shown}")
     if args.grid:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid(np.concatenate(images))).save(args.grid)
