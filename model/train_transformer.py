@@ -52,6 +52,7 @@ class TransformerTrainConfig:
     null_drop: float = 0.1  # probability that a caption is replaced by the null condition
     null_mode: str = "learnable"
     only_null: bool = False  # train the learnable null alone (the rest frozen)
+    aux_weight: float | None = None  # weight of the auxiliary x0 cross-entropy; None: the preset's (5e-4)
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
@@ -65,6 +66,8 @@ class TransformerTrainConfig:
             raise ValueError("give exactly one of vqvae (a fresh model) and init (a model folder to continue)")
         if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: {self.min_lr} is not allowed; expected a number in [0, lr={self.lr}]")
+        if self.aux_weight is not None and not (self.aux_weight >= 0.0 and math.isfinite(self.aux_weight)):
+            raise ValueError(f"aux_weight: {self.aux_weight} is not allowed; expected a finite number >= 0")
         if self.only_null and self.null_mode != "learnable":
             raise ValueError("only_null trains the learnable null: it needs null_mode 'learnable'")
 
@@ -189,7 +192,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
             null = model.text_encoder(empty_ids).expand(b, -1, -1)  # (B, L, D)
         cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, L, D)
         log_x0 = model.transformer.log_probs(x_t, t, cond)  # (B, N, K)
-        loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t, pt=pt, return_terms=True)  # (B,)
+        loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t, pt=pt, return_terms=True,
+                                      auxiliary_loss_weight=cfg.aux_weight)  # (B,)
         loss = loss_b.sum() / (b * c.num_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -149,3 +149,13 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_factor(cosine, 100) == pytest.approx(0.1)  # min_lr / lr
     with pytest.raises(ValueError, match="min_lr"):
         TransformerTrainConfig(data="d", out="o", vqvae="v", lr=1e-3, min_lr=2e-3)
+
+
+def test_aux_weight_reaches_the_loss(run):
+    first = {}
+    for w in (0.0, 1.0):
+        train_transformer(_cfg(run, f"aux{w}", steps=1, aux_weight=w), progress=False)
+        first[w] = json.loads((run[0] / f"aux{w}" / "train.log").read_text().splitlines()[0])["loss"]
+    assert first[1.0] > first[0.0] > 0  # the same batch and t; only the x0 cross-entropy's weight differs
+    with pytest.raises(ValueError, match="aux_weight"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", aux_weight=-1.0)
