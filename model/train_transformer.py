@@ -53,6 +53,7 @@ class TransformerTrainConfig:
     null_mode: str = "learnable"
     only_null: bool = False  # train the learnable null alone (the rest frozen)
     aux_weight: float | None = None  # weight of the auxiliary x0 cross-entropy; None: the preset's (5e-4)
+    precision: str = "fp32"  # "bf16": the forward under bf16 autocast (weights, optimizer and loss stay fp32)
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
@@ -68,6 +69,8 @@ class TransformerTrainConfig:
             raise ValueError(f"min_lr: {self.min_lr} is not allowed; expected a number in [0, lr={self.lr}]")
         if self.aux_weight is not None and not (self.aux_weight >= 0.0 and math.isfinite(self.aux_weight)):
             raise ValueError(f"aux_weight: {self.aux_weight} is not allowed; expected a finite number >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: {self.precision!r} is not allowed; expected 'fp32' or 'bf16'")
         if self.only_null and self.null_mode != "learnable":
             raise ValueError("only_null trains the learnable null: it needs null_mode 'learnable'")
 
@@ -184,14 +187,15 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         t, pt = importance.sample(b, g)  # (B,), (B,)
         x_t = q_sample(schedule, x0, t, generator=g)  # (B, N)
         drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
-        with torch.set_grad_enabled(not cfg.only_null):
-            text = model.text_encoder(ids[idx])  # (B, L, D)
-        if cfg.null_mode == "learnable":
-            null = model.null_cond(b)  # (B, L, D)
-        else:
-            null = model.text_encoder(empty_ids).expand(b, -1, -1)  # (B, L, D)
-        cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, L, D)
-        log_x0 = model.transformer.log_probs(x_t, t, cond)  # (B, N, K)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.set_grad_enabled(not cfg.only_null):
+                text = model.text_encoder(ids[idx])  # (B, L, D)
+            if cfg.null_mode == "learnable":
+                null = model.null_cond(b)  # (B, L, D)
+            else:
+                null = model.text_encoder(empty_ids).expand(b, -1, -1)  # (B, L, D)
+            cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, L, D)
+            log_x0 = model.transformer.log_probs(x_t, t, cond)  # (B, N, K) fp32
         loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t, pt=pt, return_terms=True,
                                       auxiliary_loss_weight=cfg.aux_weight)  # (B,)
         loss = loss_b.sum() / (b * c.num_tokens)

@@ -159,3 +159,16 @@ def test_aux_weight_reaches_the_loss(run):
     assert first[1.0] > first[0.0] > 0  # the same batch and t; only the x0 cross-entropy's weight differs
     with pytest.raises(ValueError, match="aux_weight"):
         TransformerTrainConfig(data="d", out="o", vqvae="v", aux_weight=-1.0)
+
+
+def test_bf16_autocast_trains_with_fp32_weights(run):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        out = train_transformer(_cfg(run, precision, steps=2, precision=precision), progress=False)
+        losses[precision] = [json.loads(x)["loss"] for x in (run[0] / precision / "train.log").read_text().splitlines()]
+    model = load_model(out)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.transformer.parameters())
+    assert len(losses["bf16"]) == 2 and losses["bf16"] != losses["fp32"]  # the forward really ran in bf16 ...
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)  # ... and computes the same loss
+    with pytest.raises(ValueError, match="precision"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", precision="fp8")

@@ -224,6 +224,7 @@ def cmd_train_transformer(args: argparse.Namespace) -> None:
         init=str(args.model) if args.model else None, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr=args.min_lr, null_drop=args.null_drop,
         null_mode=args.null_mode, only_null=fine_tune and args.only_null, aux_weight=args.aux_weight,
+        precision=args.precision,
         log_every=args.log_every,
         ckpt_every=args.ckpt_every, seed=args.seed)
     print(train_transformer(cfg, progress=not args.quiet))
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--min-lr", type=float, help="cosine-decay the learning rate to this at --steps (default: constant)")
         s.add_argument("--null-drop", type=float, default=0.1, help="rate at which a caption becomes the null")
         s.add_argument("--null-mode", default="learnable", help="learnable | empty | none")
+        s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: the forward under bf16 autocast (faster on CPUs with AMX or AVX512-BF16, and on GPUs); "
+                            "weights, optimizer and loss stay fp32")
         s.add_argument("--aux-weight", type=float, help="weight of the auxiliary x0 cross-entropy beside the KL "
                        "(default: the preset's, 5e-4 as released; larger weights favour the noisiest steps)")
         s.add_argument("--ckpt-every", type=int, default=250)
