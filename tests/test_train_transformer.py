@@ -172,3 +172,27 @@ def test_bf16_autocast_trains_with_fp32_weights(run):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)  # ... and computes the same loss
     with pytest.raises(ValueError, match="precision"):
         TransformerTrainConfig(data="d", out="o", vqvae="v", precision="fp8")
+
+
+def test_a_resumed_run_reuses_its_tokens_unless_the_images_or_vqvae_change(run, monkeypatch, tmp_path):
+    import os
+    import shutil
+
+    import model.train_transformer as tt
+
+    train_transformer(_cfg(run, "tok", steps=2), progress=False)
+    assert (run[0] / "tok" / "tokens.pt").is_file()
+    calls = []
+    real = tt.tokenize_dataset
+    monkeypatch.setattr(tt, "tokenize_dataset", lambda model, data: calls.append(1) or real(model, data))
+    train_transformer(_cfg(run, "tok", steps=3), progress=False)
+    assert calls == []  # resumed from the cached tokens
+    # a changed image (new mtime) makes the cache stale: the tokens are computed again
+    data = shutil.copytree(run[1], tmp_path / "data")
+    out = str(tmp_path / "run")  # absolute: _cfg's root / out is then this path
+    train_transformer(_cfg(run, out, data=str(data), steps=2), progress=False)
+    assert calls == [1]
+    first = sorted((data / "images").iterdir())[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    train_transformer(_cfg(run, out, data=str(data), steps=3), progress=False)
+    assert calls == [1, 1]

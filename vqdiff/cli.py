@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
             "fine-tune a trained model with a null condition (the paper's fine-tuning step)" if fine_tune
             else "train the diffusion transformer (and its text encoder) on an image-caption folder"))
         s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
-        s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, model/")
+        s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, tokens.pt, model/")
         if fine_tune:
             s.add_argument("--model", type=Path, required=True, help="the model folder to fine-tune")
             s.set_defaults(vqvae=None)
