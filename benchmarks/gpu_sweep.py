@@ -113,7 +113,7 @@ def configs(device: str, batches: list[int], n: int, k: int, copy_tbs: float | N
                                     purity_rel=rel))
                 fr = f"{100 * frac:8.1f}%" if frac else "        -"
                 print(f"{dname:<6}{b:>4}{warps:>6}{ms:>9.4f}{gbs:>8.0f}{fr}  {rel:.1e}")
-            del cond, uncond
+            cond = uncond = None  # free the inputs (a rebinding, not del: run() closes over them)
     return results
 
 
@@ -198,7 +198,7 @@ def graphed(device: str, batches: list[int], n: int, k: int, count: int) -> list
                 out.append(dict(dtype=dname, batch=b, backend=backend, eager_ms=eager, graph_ms=t_g))
                 gs = "-" if t_g is None else f"{t_g:.4f}"
                 print(f"{dname:<6}{b:>4}{backend:>8}{eager:>10.4f}{gs:>10}")
-            del cond, uncond
+            cond = uncond = None  # free the inputs (a rebinding, not del: run() closes over them)
     os.environ.pop("VQDIFF_KERNELS", None)
     return out
 
@@ -262,7 +262,7 @@ def forward(device: str, images: list[int], count: int, deadline: float) -> list
         out.append(dict(images=b, rows=rows, forward_ms=t_f, step_kernel_ms=t_k, step_torch_ms=t_r,
                         step_share_kernels=share, step_share_torch=t_r / (t_f + t_r)))
         print(f"{b:>7}{rows:>6}{t_f:>12.2f}{t_k:>16.3f}{t_r:>15.3f}{100 * share:>11.1f}%")
-        del logits, kv
+        logits = kv = None  # free them (a rebinding, not del: the timed closures use them)
     return out
 
 
