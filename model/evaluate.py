@@ -83,18 +83,16 @@ def fact_tally(parsed: shapes.Parsed, stated: shapes.Stated) -> dict[str, tuple[
     is tallied too; a blob of no recognisable shape shows no shape."""
     if len(parsed.objects) != len(stated.mentions):
         return {}
-    best: list[tuple[str, bool]] | None = None
+    best, best_shown = [], -1
     for perm in itertools.permutations(parsed.objects):
-        facts = [kv for o, m in zip(perm, stated.mentions) for kv in shapes.mention_facts(o, m, stated.image_size).items()]
-        if stated.relation is not None:
-            i, rel, j = stated.relation
-            facts.append(("relation", shapes.relation_holds(perm[i], perm[j], rel, stated.image_size)))
-        if best is None or sum(ok for _, ok in facts) > sum(ok for _, ok in best):
-            best = facts
+        facts = shapes.assignment_facts(perm, stated)
+        shown = sum(ok for _, ok in facts)
+        if shown > best_shown:
+            best, best_shown = facts, shown
     tally: dict[str, tuple[int, int]] = {}
-    for kind, ok in best or []:
-        shown, n = tally.get(kind, (0, 0))
-        tally[kind] = (shown + int(ok), n + 1)
+    for kind, ok in best:
+        got, n = tally.get(kind, (0, 0))
+        tally[kind] = (got + int(ok), n + 1)
     return tally
 
 

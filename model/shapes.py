@@ -389,13 +389,14 @@ def mention_facts(obj: ParsedObj, m: Mention, image_size: int) -> dict[str, bool
     return facts
 
 
-def relation_holds(a: ParsedObj, b: ParsedObj, rel: str, image_size: int) -> bool:
-    """``a`` is ``rel`` of ``b``, by the check margin (the one ``satisfies`` uses)."""
-    return _holds(a, b, rel, _rel_margin(image_size, generating=False))
-
-
-def _matches(obj: ParsedObj, m: Mention, image_size: int) -> bool:
-    return all(mention_facts(obj, m, image_size).values())
+def assignment_facts(objs: Sequence[ParsedObj], stated: Stated) -> list[tuple[str, bool]]:
+    """Every stated fact and whether it holds when ``objs[i]`` is taken as mention i: the mentions'
+    facts, then the relation (by the check margin)."""
+    facts = [kv for o, m in zip(objs, stated.mentions) for kv in mention_facts(o, m, stated.image_size).items()]
+    if stated.relation is not None:
+        i, rel, j = stated.relation
+        facts.append(("relation", _holds(objs[i], objs[j], rel, _rel_margin(stated.image_size, generating=False))))
+    return facts
 
 
 def satisfies(objects: Parsed | Sequence[ParsedObj], stated: Stated) -> bool:
@@ -403,15 +404,8 @@ def satisfies(objects: Parsed | Sequence[ParsedObj], stated: Stated) -> bool:
     objs = objects.objects if isinstance(objects, Parsed) else tuple(objects)
     if len(objs) != len(stated.mentions):
         return False
-    for perm in itertools.permutations(objs):  # at most 3! assignments
-        if not all(_matches(o, m, stated.image_size) for o, m in zip(perm, stated.mentions)):
-            continue
-        if stated.relation is not None:
-            i, rel, j = stated.relation
-            if not relation_holds(perm[i], perm[j], rel, stated.image_size):
-                continue
-        return True
-    return False
+    return any(all(ok for _, ok in assignment_facts(perm, stated))  # at most 3! assignments
+               for perm in itertools.permutations(objs))
 
 
 def faithful(image: np.ndarray, stated: Stated) -> bool:

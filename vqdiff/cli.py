@@ -224,9 +224,7 @@ def cmd_train_transformer(args: argparse.Namespace) -> None:
         init=str(args.model) if args.model else None, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr=args.min_lr, null_drop=args.null_drop,
         null_mode=args.null_mode, only_null=fine_tune and args.only_null, aux_weight=args.aux_weight,
-        precision=args.precision,
-        log_every=args.log_every,
-        ckpt_every=args.ckpt_every, seed=args.seed)
+        precision=args.precision, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed)
     print(train_transformer(cfg, progress=not args.quiet))
 
 
