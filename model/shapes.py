@@ -14,7 +14,7 @@ and reads shape from the fill ratio of the bounding box, size from its extent, p
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import numpy as np
@@ -32,7 +32,7 @@ SIZES = ("small", "large")
 BACKGROUND = (255, 255, 255)
 IMAGE_SIZE = 32
 HELDOUT = (("red", "triangle"), ("green", "square"), ("blue", "circle"))  # never in "train"
-PLACES = ("left", "right", "top", "bottom")  # "on the left", ..., "at the bottom": one-object captions
+PLACES = ("left", "right", "top", "bottom")  # "on the left", ..., "at the bottom"
 RELATIONS = ("above", "below", "left", "right")  # "above", "below", "to the left of", "to the right of"
 Split = Literal["train", "heldout"]
 
@@ -220,7 +220,31 @@ def _phrase_relation(rel: str) -> str:
     return rel if rel in ("above", "below") else f"to the {rel} of"
 
 
-def describe(rng: np.random.Generator, scene: Scene, split: Split = "train") -> tuple[str, Stated]:
+@dataclass(frozen=True)
+class CaptionRates:
+    """How often ``describe`` states a place or a relation when one holds. The defaults write the
+    benchmark's captions (every evaluation prompt uses them); a training set may state places more
+    often, since a place word moves an object by a third of the image and so carries few nats."""
+    place: float = 0.6  # a one-object caption states the object's place
+    place_many: float = 0.0  # each object of a list caption ("a and b", "a, b and c") states its place
+    relation: float = 0.75  # a two-object caption states a relation instead of "and"
+
+    def __post_init__(self) -> None:
+        for name in ("place", "place_many", "relation"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"CaptionRates.{name} must be in [0, 1], got {v}")
+
+
+def _draw_place(rng: np.random.Generator, obj: Obj, image_size: int, rate: float) -> str | None:
+    places = [p for p in PLACES if _at(obj, p, image_size, generating=True)]
+    if places and rng.random() < rate:
+        return places[int(rng.integers(len(places)))]
+    return None
+
+
+def describe(rng: np.random.Generator, scene: Scene, split: Split = "train",
+             rates: CaptionRates = CaptionRates()) -> tuple[str, Stated]:
     """A caption of every object in ``scene``, stating a random subset of attributes."""
     side = scene.image_size
     order = rng.permutation(len(scene.objects))
@@ -234,21 +258,24 @@ def describe(rng: np.random.Generator, scene: Scene, split: Split = "train") -> 
             size=obj.size if rng.random() < 0.5 else None))
     phrases = [_noun_phrase(m) for m in mentions]
     relation = None
-    if len(objs) == 1:
-        places = [p for p in PLACES if _at(objs[0], p, side, generating=True)]
-        if places and rng.random() < 0.6:
-            place = places[int(rng.integers(len(places)))]
-            mentions[0] = Mention(mentions[0].shape, mentions[0].colour, mentions[0].size, place)
-            phrases[0] += " " + _phrase_place(place)
-        text = phrases[0]
-    elif len(objs) == 2:
+    if len(objs) == 2:
         rels = [r for r in RELATIONS if _holds(objs[0], objs[1], r, _rel_margin(side, True))]
-        if rels and rng.random() < 0.75:
-            rel = rels[int(rng.integers(len(rels)))]
-            relation = (0, rel, 1)
-            text = f"{phrases[0]} {_phrase_relation(rel)} {phrases[1]}"
-        else:
-            text = f"{phrases[0]} and {phrases[1]}"
+        if rels and rng.random() < rates.relation:
+            relation = (0, rels[int(rng.integers(len(rels)))], 1)
+    # places: always a draw for one object; for a list only when asked (so default captions keep their stream)
+    if len(objs) == 1 or (relation is None and rates.place_many > 0):
+        rate = rates.place if len(objs) == 1 else rates.place_many
+        for k, obj in enumerate(objs):
+            place = _draw_place(rng, obj, side, rate)
+            if place is not None:
+                mentions[k] = replace(mentions[k], place=place)
+                phrases[k] += " " + _phrase_place(place)
+    if len(objs) == 1:
+        text = phrases[0]
+    elif relation is not None:
+        text = f"{phrases[0]} {_phrase_relation(relation[1])} {phrases[1]}"
+    elif len(objs) == 2:
+        text = f"{phrases[0]} and {phrases[1]}"
     else:
         text = f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
     return text, Stated(tuple(mentions), relation, side)
@@ -262,11 +289,12 @@ def words() -> list[str]:
 
 
 def generate(index: int, seed: int = 0, split: Split = "train", image_size: int = IMAGE_SIZE,
-             ) -> tuple[np.ndarray, str, Stated, Scene]:
-    """(image (H, W, 3) uint8, caption, stated facts, scene), a pure function of its arguments."""
+             rates: CaptionRates = CaptionRates()) -> tuple[np.ndarray, str, Stated, Scene]:
+    """(image (H, W, 3) uint8, caption, stated facts, scene), a pure function of its arguments.
+    The scene (so the image) does not depend on ``rates``; only the caption does."""
     rng = _rng(seed, index, _split_code(split))
     scene = sample_scene(rng, split, image_size=image_size)
-    text, stated = describe(rng, scene, split)
+    text, stated = describe(rng, scene, split, rates)
     return render(scene), text, stated, scene
 
 

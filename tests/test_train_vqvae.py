@@ -91,7 +91,7 @@ def test_append_continues_a_folder_and_refuses_to_overwrite(tmp_path):
 
 
 def test_cli_data_shapes_writes_generate_in_order(tmp_path):
-    from model.shapes import generate
+    from model.shapes import CaptionRates, generate
 
     out = tmp_path / "mix"
     for extra in ([], ["--split", "heldout", "--seed", "7", "--start", "5", "--append"]):
@@ -105,6 +105,14 @@ def test_cli_data_shapes_writes_generate_in_order(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "data", "shapes", str(out), "--n", "3", "--quiet"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "append" in r.stderr and len(read_index(out)) == 6  # nothing overwritten
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "data", "shapes", str(tmp_path / "placed"), "--n", "4",
+                        "--place-rate", "1", "--place-rate-many", "1", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rates = CaptionRates(place=1.0, place_many=1.0)
+    assert [c for _, c in read_index(tmp_path / "placed")] == [generate(i, rates=rates)[1] for i in range(4)]
+    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "data", "shapes", str(tmp_path / "bad"), "--n", "4",
+                        "--place-rate", "1.5", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--place-rate" in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_cli_train_vqvae(data, tmp_path):

@@ -185,17 +185,21 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from model.data import write_folder
-    from model.shapes import generate
+    from model.shapes import CaptionRates, generate
 
     if args.n < 1:
         raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
     if args.start < 0:
         raise ValueError(f"--start: {args.start} is not allowed; expected an integer >= 0")
+    for flag, v in (("--place-rate", args.place_rate), ("--place-rate-many", args.place_rate_many)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{flag}: {v} is not allowed; expected a rate in [0, 1]")
+    rates = CaptionRates(place=args.place_rate, place_many=args.place_rate_many)
     indices = tqdm(range(args.start, args.start + args.n), desc="images", unit="img", disable=args.quiet)
-    pairs = ((image, caption) for image, caption, _, _ in (generate(i, seed=args.seed, split=args.split) for i in indices))
-    write_folder(args.out, pairs, append=args.append)
+    items = (generate(i, seed=args.seed, split=args.split, rates=rates) for i in indices)
+    write_folder(args.out, ((image, caption) for image, caption, _, _ in items), append=args.append)
     print(f"{args.out}: {'appended ' if args.append else ''}{args.n} images, split {args.split}, seed {args.seed}, "
-          f"generate(i) for i in [{args.start}, {args.start + args.n})")
+          f"generate(i) for i in [{args.start}, {args.start + args.n}), {rates}")
 
 
 def cmd_train_features(args: argparse.Namespace) -> None:
@@ -291,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: the held-out colour/shape pairs never appear; heldout: the first object is one of them")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--append", action="store_true", help="add to an existing folder (numbering continues)")
+    s.add_argument("--place-rate", type=float, default=0.6,
+                   help="how often a one-object caption states the object's place, when one holds (the benchmark: 0.6)")
+    s.add_argument("--place-rate-many", type=float, default=0.0,
+                   help="how often each object of a list caption ('a and b', 'a, b and c') states its place "
+                        "(the benchmark: 0); the images do not change, only the captions")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_data_shapes)
 
