@@ -7,6 +7,13 @@ Real one-object images whose caption states a place and a colour (``generate(i)`
 tokens under the true caption is compared with the same caption with its place swapped (left <->
 right, top <-> bottom) and with its colour swapped. A model that ignores a word shows no gap for
 it; a model that follows it pays for the wrong word. Prints one row per t.
+
+Then two checks of places alone:
+- text gap: the largest per-token distance between the text encoder's embeddings (unit vectors) of
+  two captions that differ in one word ("on the left" / "on the right"; a colour swap for scale);
+- layout at t = T: with every token masked, where is the model unsure? The share of
+  sum(1 - max_k p(x0 = k)) that lies in the half of the grid the place names, over 8 captions
+  (0.5: the place word is ignored; 1.0: all of the object's mass is in that half).
 """
 
 from __future__ import annotations
@@ -67,6 +74,32 @@ def main() -> None:
             log_p = model.transformer.log_probs(x_t, t, text)  # (n, N, K)
             nll[name] = -log_p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)[masked].mean().item()
         print(f"{t_:3d} {nll['true']:8.4f} {nll['place']:14.4f} {nll['colour']:15.4f}")
+
+    for a, b in (("a red circle on the left", "a red circle on the right"),
+                 ("a red circle at the top", "a red circle at the bottom"),
+                 ("a red circle on the left", "a blue circle on the left")):
+        print(f"text gap {a!r} / {b!r}: {text_gap(model, a, b):.2f}")
+    shares = {place: half_share(model, place) for place in PLACE_SWAP}
+    print("layout at t = T, share in the named half: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()))
+
+
+def text_gap(model, a: str, b: str) -> float:
+    e = model.encode_text([a, b]).float()  # (2, L, D), unit vectors per token
+    return (e[0] - e[1]).norm(dim=-1).max().item()
+
+
+def half_share(model, place: str) -> float:
+    c = model.config.transformer
+    phrase = f"on the {place}" if place in ("left", "right") else f"at the {place}"
+    prompts = [f"a {col} {shape} {phrase}" for col in ("red", "yellow", "purple", "orange") for shape in ("circle", "square")]
+    b = len(prompts)
+    x_t = torch.full((b, c.num_tokens), c.num_embed)  # (b, N) all masked
+    t = torch.full((b,), c.num_timesteps - 1)
+    p = model.transformer.log_probs(x_t, t, model.encode_text(prompts)).exp()  # (b, N, K)
+    unsure = (1 - p.max(-1).values).mean(0).view(c.height, c.width)  # (h, w)
+    half = {"left": unsure[:, : c.width // 2], "right": unsure[:, c.width // 2:],
+            "top": unsure[: c.height // 2], "bottom": unsure[c.height // 2:]}[place]
+    return (half.sum() / unsure.sum()).item()
 
 
 if __name__ == "__main__":
