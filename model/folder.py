@@ -306,12 +306,7 @@ def load_model(
     load_into(transformer, *read_weights(folder / "transformer", _diffusers_stems(), variant))
     load_into(vqvae, *read_weights(folder / "vqvae", _diffusers_stems(), variant))
 
-    clip = CLIPTextModel(CLIPTextConfig.from_dict(_read_json(folder / "text_encoder" / "config.json")))
-    load_into(clip, *read_weights(folder / "text_encoder", TRANSFORMERS_WEIGHTS, variant))
-    try:
-        text_encoder = TextEncoder(tokenizer, clip)
-    except ValueError as e:
-        raise ModelFolderError(f"{folder}: {e}") from None
+    text_encoder = load_text_encoder(folder, variant, tokenizer)
 
     null_cond = None
     if config.learnable_null:
@@ -369,9 +364,7 @@ def save_model(
         _write_json(tmp / "model_index.json", index)
         save_component(tmp / "transformer", transformer_config_to_diffusers(c.transformer), model.transformer, dtype=dtype)
         save_component(tmp / "vqvae", vqvae_config_to_diffusers(c.vqvae), model.vqvae, dtype=dtype)
-        clip = model.text_encoder.clip
-        save_component(tmp / "text_encoder", clip.config.to_dict(), clip, stem="model", dtype=dtype)
-        save_tokenizer(model.text_encoder.tokenizer, tmp / "tokenizer", model.text_encoder.max_length)
+        _save_text_encoder(model.text_encoder, tmp, dtype)
         _write_json(tmp / "scheduler" / "scheduler_config.json", diffusion_config_to_diffusers(c.diffusion))
         if model.null_cond is not None:
             length, dim = model.null_cond.embeddings.shape
@@ -388,6 +381,43 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _save_text_encoder(text_encoder: TextEncoder, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    clip = text_encoder.clip
+    save_component(folder / "text_encoder", clip.config.to_dict(), clip, stem="model", dtype=dtype)
+    save_tokenizer(text_encoder.tokenizer, folder / "tokenizer", text_encoder.max_length)
+
+
+def save_text_encoder(text_encoder: TextEncoder, folder: str | Path) -> Path:
+    """FOLDER/text_encoder and FOLDER/tokenizer, as in a model folder (``vqdiff train clip``'s output);
+    each component is written to a temp folder and renamed into place."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".text.", dir=folder))
+    try:
+        _save_text_encoder(text_encoder, tmp)
+        for name in ("text_encoder", "tokenizer"):
+            if (folder / name).exists():
+                shutil.rmtree(folder / name)
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_text_encoder(folder: str | Path, variant: str | None = None, tokenizer=None) -> TextEncoder:
+    """The text encoder and tokenizer of FOLDER (a model folder, or ``vqdiff train clip``'s output), fp32."""
+    folder = Path(folder)
+    if not (folder / "text_encoder" / "config.json").is_file():
+        raise ModelFolderError(f"{folder}: no text_encoder/config.json (expected a model folder or `vqdiff train clip` output)")
+    tokenizer = _load_tokenizer(folder / "tokenizer") if tokenizer is None else tokenizer
+    clip = CLIPTextModel(CLIPTextConfig.from_dict(_read_json(folder / "text_encoder" / "config.json")))
+    load_into(clip, *read_weights(folder / "text_encoder", TRANSFORMERS_WEIGHTS, variant))
+    try:
+        return TextEncoder(tokenizer, clip).float()
+    except ValueError as e:
+        raise ModelFolderError(f"{folder}: {e}") from None
 
 
 def _diffusers_stems() -> dict[str, str]:

@@ -3,7 +3,8 @@ image-caption folder, with the caption dropped to the null condition at a rate (
 
 A fresh run builds a model from a preset: a word-level CLIP tokenizer over the captions' words, a
 CLIP text encoder trained jointly (no pretrained CLIP can be downloaded here), and a VQVAE trained
-by ``vqdiff train vqvae``. ``--init MODEL`` continues from a model folder instead: that is the
+by ``vqdiff train vqvae``. ``text_encoder`` swaps in one pretrained by ``vqdiff train clip`` (fresh
+or ``--init`` runs), and ``freeze_text`` keeps it fixed, as the paper keeps CLIP. ``--init MODEL`` continues from a model folder instead: that is the
 paper's fine-tuning step (``null-cond``), optionally training only the learnable null.
 
 What the caption is dropped to (``null_mode``): ``learnable`` (the learnable null condition, Eq. 7),
@@ -28,9 +29,10 @@ from tqdm import tqdm
 from model.config import from_name
 from model.data import ImageCaptionFolder, read_index
 from model.diffusion import ImportanceSampler, q_sample, training_loss
-from model.folder import ModelFolderError, load_into, load_model, load_vqvae, random_model, save_model
+from model.folder import ModelFolderError, load_into, load_model, load_text_encoder, load_vqvae, random_model, save_model
 from model.null_cond import NullCondition
 from model.pipeline import VQDiffusion
+from model.text_encoder import text_encoder_config
 from model.tokenizer import ALPHABET, word_tokenizer
 from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
 
@@ -53,6 +55,8 @@ class TransformerTrainConfig:
     null_drop: float = 0.1  # probability that a caption is replaced by the null condition
     null_mode: str = "learnable"
     only_null: bool = False  # train the learnable null alone (the rest frozen)
+    text_encoder: str | None = None  # a folder with text_encoder/ and tokenizer/ (`vqdiff train clip`) to use
+    freeze_text: bool = False  # keep the text encoder fixed, as the paper keeps CLIP
     aux_weight: float | None = None  # weight of the auxiliary x0 cross-entropy; None: the preset's (5e-4)
     precision: str = "fp32"  # "bf16": the forward under bf16 autocast (weights, optimizer and loss stay fp32)
     log_every: int = 50
@@ -108,9 +112,25 @@ def add_null_cond(model: VQDiffusion) -> VQDiffusion:
     return out
 
 
+def with_text_encoder(model: VQDiffusion, folder: str) -> VQDiffusion:
+    """``model`` conditioned on the text encoder (and tokenizer) of ``folder`` instead of its own."""
+    te = load_text_encoder(folder)
+    c = model.config
+    if te.dim != c.transformer.text_dim:
+        raise ModelFolderError(f"{folder}: its text encoder is {te.dim} wide; the transformer reads {c.transformer.text_dim}")
+    null = model.null_cond
+    if null is not None and tuple(null.embeddings.shape) != (te.max_length, te.dim):
+        null = NullCondition(te.max_length, te.dim)  # the old null lived in another text space: start it afresh
+    out = VQDiffusion(replace(c, text_encoder=text_encoder_config(te.clip.config)), model.transformer, model.vqvae, te, null)
+    out.generation_defaults = model.generation_defaults
+    return out
+
+
 def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion:
     if cfg.init is not None:
         model = load_model(cfg.init)
+        if cfg.text_encoder is not None:
+            model = with_text_encoder(model, cfg.text_encoder)
         if cfg.null_mode == "learnable" and model.null_cond is None:
             model = add_null_cond(model)  # the paper's fine-tuning of a base trained without one
         return model
@@ -126,7 +146,7 @@ def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion
         config = replace(config, text_encoder=replace(config.text_encoder, vocab_size=len(tokenizer)))
     model = random_model(config, tokenizer, seed=cfg.seed)
     load_into(model.vqvae, vqvae.state_dict(), str(vq_dir))
-    return model
+    return model if cfg.text_encoder is None else with_text_encoder(model, cfg.text_encoder)
 
 
 @torch.no_grad()
@@ -172,7 +192,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     ckpt = load_checkpoint(ckpt_path)
     captions = [c for _, c in read_index(Path(cfg.data))]
     # a resumed run rebuilds the architecture (and tokenizer) from its own model folder
-    model = build_model(replace(cfg, init=str(out / "model"), vqvae=None) if ckpt is not None else cfg, captions)
+    resumed = replace(cfg, init=str(out / "model"), vqvae=None, text_encoder=None)  # the run folder holds everything
+    model = build_model(resumed if ckpt is not None else cfg, captions)
     data = ImageCaptionFolder(cfg.data, model.config.image_size, cache=False)
     if len(data) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(data)} images, fewer than batch_size {cfg.batch_size}")
@@ -180,7 +201,9 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     ids = model.text_encoder.tokenize(captions)  # (n, L)
     empty_ids = model.text_encoder.tokenize([""])  # (1, L)
 
-    trainable = [model.null_cond] if cfg.only_null else [m for m in (model.transformer, model.text_encoder, model.null_cond) if m is not None]
+    text_trains = not (cfg.only_null or cfg.freeze_text)
+    trainable = [model.null_cond] if cfg.only_null else [
+        m for m in (model.transformer, model.text_encoder if text_trains else None, model.null_cond) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -214,7 +237,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         x_t = q_sample(schedule, x0, t, generator=g)  # (B, N)
         drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            with torch.set_grad_enabled(not cfg.only_null):
+            with torch.set_grad_enabled(text_trains):
                 text = model.text_encoder(ids[idx])  # (B, L, D)
             if cfg.null_mode == "learnable":
                 null = model.null_cond(b)  # (B, L, D)

@@ -228,8 +228,19 @@ def cmd_train_transformer(args: argparse.Namespace) -> None:
         init=str(args.model) if args.model else None, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr=args.min_lr, null_drop=args.null_drop,
         null_mode=args.null_mode, only_null=fine_tune and args.only_null, aux_weight=args.aux_weight,
+        text_encoder=str(args.text_encoder) if args.text_encoder else None, freeze_text=args.freeze_text,
         precision=args.precision, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed)
     print(train_transformer(cfg, progress=not args.quiet))
+
+
+def cmd_train_clip(args: argparse.Namespace) -> None:
+    from model.train_clip import CLIPTrainConfig, train_clip
+
+    swap = tuple(w.strip() for w in args.swap.split(",") if w.strip())
+    cfg = CLIPTrainConfig(data=str(args.data), out=str(args.out), preset=args.preset, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, swap=swap, seed=args.seed,
+                          log_every=args.log_every, ckpt_every=args.ckpt_every)
+    print(train_clip(cfg, progress=not args.quiet))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,11 +372,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "(on a 2-core AMX CPU the shapes preset gains only ~6%%)")
         s.add_argument("--aux-weight", type=float, help="weight of the auxiliary x0 cross-entropy beside the KL "
                        "(default: the preset's, 5e-4 as released; larger weights favour the noisiest steps)")
+        s.add_argument("--text-encoder", type=Path,
+                       help="use this text encoder and tokenizer (OUT of `vqdiff train clip`, or a model folder)")
+        s.add_argument("--freeze-text", action="store_true", help="keep the text encoder fixed, as the paper keeps CLIP")
         s.add_argument("--ckpt-every", type=int, default=250)
         s.add_argument("--log-every", type=int, default=50)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--quiet", action="store_true")
         s.set_defaults(func=cmd_train_transformer)
+
+    s = train.add_parser("clip", help="pretrain the text encoder contrastively (CLIP) on an image-caption folder")
+    s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
+    s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, text_encoder/, tokenizer/")
+    s.add_argument("--preset", default="shapes", help="the text encoder's shape and the image size")
+    s.add_argument("--steps", type=int, default=3000)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--warmup", type=int, default=100)
+    s.add_argument("--swap", default="left:right,above:below,top:bottom",
+                   help="comma-separated word pairs: a caption with one of them swapped is a hard negative ('' for none)")
+    s.add_argument("--ckpt-every", type=int, default=250)
+    s.add_argument("--log-every", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_train_clip)
 
     s = sub.add_parser("init", help="write a randomly initialised model folder from a preset")
     s.add_argument("out", type=Path)
