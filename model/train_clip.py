@@ -110,7 +110,11 @@ class CLIPPair(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def embed_text(self, ids: Tensor) -> Tensor:
-        pooled = self.text_encoder.clip(input_ids=ids).pooler_output  # (B, D) the end-of-text state
+        """(B, L) ids -> (B, D). The pooled state is the first end-of-text token's; attention is causal,
+        so the padding after the batch's longest caption cannot reach it and is cut (exact, ~2x faster)."""
+        eos = self.text_encoder.tokenizer.eos_token_id
+        n = int((ids == eos).int().argmax(1).max()) + 1
+        pooled = self.text_encoder.clip(input_ids=ids[:, :n]).pooler_output  # (B, D)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def embed_images(self, images: Tensor) -> Tensor:

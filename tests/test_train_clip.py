@@ -111,3 +111,13 @@ def test_transformer_on_a_frozen_pretrained_text_encoder(data, tmp_path):
     thawed = train_transformer(TransformerTrainConfig(out=str(tmp_path / "u"), vqvae=str(vq), steps=2, **{
         **kw, "freeze_text": False}), progress=False)
     assert not same_text(load_model(thawed))
+
+
+def test_cutting_the_padding_leaves_the_text_embedding_unchanged(data, tmp_path):
+    pair = build(_cfg(data, tmp_path / "x"), [c for c in (generate(i)[1] for i in range(48))]).eval()
+    captions = ["a red circle", "a large blue square to the left of a small green triangle"]
+    ids = pair.text_encoder.tokenize(captions)  # (2, L) padded to L
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(pair.text_proj(pair.text_encoder.clip(input_ids=ids).pooler_output), dim=-1)
+        assert torch.allclose(pair.embed_text(ids), full, atol=1e-6)
+        assert not torch.allclose(pair.embed_text(ids[:1]), full[1:], atol=1e-3)
