@@ -111,7 +111,7 @@ class CLIPPair(nn.Module):
 
     def embed_text(self, ids: Tensor) -> Tensor:
         """(B, L) ids -> (B, D). The pooled state is the first end-of-text token's; attention is causal,
-        so the padding after the batch's longest caption cannot reach it and is cut (exact, ~2x faster)."""
+        so the padding after the batch's longest caption cannot reach it and is cut (exact)."""
         eos = self.text_encoder.tokenizer.eos_token_id
         n = int((ids == eos).int().argmax(1).max()) + 1
         pooled = self.text_encoder.clip(input_ids=ids[:, :n]).pooler_output  # (B, D)
