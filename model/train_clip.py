@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,9 +33,8 @@ from model.config import from_name
 from model.data import ImageCaptionFolder, read_index
 from model.folder import save_text_encoder
 from model.text_encoder import TextEncoder, clip_config
-from model.tokenizer import word_tokenizer
-from model.train_transformer import caption_words
-from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
+from model.train_transformer import caption_tokenizer
+from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
 
 DEFAULT_SWAP = ("left:right", "above:below", "top:bottom")
 
@@ -138,14 +137,6 @@ def clip_loss(pair: CLIPPair, images: Tensor, ids: Tensor, neg_ids: Tensor, neg_
     return loss, stats
 
 
-def lr_at(cfg: CLIPTrainConfig, step: int) -> float:
-    """Linear warmup, then cosine to zero at ``steps`` (a factor of cfg.lr)."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    done = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return 0.5 * (1 + math.cos(math.pi * done))
-
-
 def load_images(data: ImageCaptionFolder) -> Tensor:
     """Every image once, (n, 3, S, S) uint8 (60k images at 32 px: 184 MB)."""
     return torch.stack([(data[i][0] * 255).round().to(torch.uint8) for i in range(len(data))])
@@ -153,10 +144,7 @@ def load_images(data: ImageCaptionFolder) -> Tensor:
 
 def build(cfg: CLIPTrainConfig, captions: list[str]) -> CLIPPair:
     config = from_name(cfg.preset)
-    tokenizer = word_tokenizer(caption_words(captions))
-    c = config.text_encoder
-    if len(tokenizer) > c.vocab_size:
-        c = replace(c, vocab_size=len(tokenizer))
+    tokenizer, c = caption_tokenizer(config.text_encoder, captions)
     torch.manual_seed(cfg.seed)
     return CLIPPair(TextEncoder(tokenizer, CLIPTextModel(clip_config(c, tokenizer))), config.image_size)
 
@@ -177,7 +165,7 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
     ids = pair.text_encoder.tokenize(captions)  # (n, L)
 
     opt = torch.optim.AdamW(pair.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, 0.0))  # cosine to 0
     step = 0
     if ckpt is not None:
         pair.load_state_dict(ckpt["model"])

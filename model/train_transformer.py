@@ -4,8 +4,9 @@ image-caption folder, with the caption dropped to the null condition at a rate (
 A fresh run builds a model from a preset: a word-level CLIP tokenizer over the captions' words, a
 CLIP text encoder trained jointly (no pretrained CLIP can be downloaded here), and a VQVAE trained
 by ``vqdiff train vqvae``. ``text_encoder`` swaps in one pretrained by ``vqdiff train clip`` (fresh
-or ``--init`` runs), and ``freeze_text`` keeps it fixed, as the paper keeps CLIP. ``--init MODEL`` continues from a model folder instead: that is the
-paper's fine-tuning step (``null-cond``), optionally training only the learnable null.
+or ``--init`` runs), and ``freeze_text`` keeps it fixed, as the paper keeps CLIP. ``--init MODEL``
+continues from a model folder instead: that is the paper's fine-tuning step (``null-cond``),
+optionally training only the learnable null.
 
 What the caption is dropped to (``null_mode``): ``learnable`` (the learnable null condition, Eq. 7),
 ``empty`` (the empty prompt's embedding: "guidance with a null text"), or ``none`` (never dropped).
@@ -26,7 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.config import from_name
+from transformers import CLIPTokenizer
+
+from model.config import TextEncoderConfig, from_name
 from model.data import ImageCaptionFolder, read_index
 from model.diffusion import ImportanceSampler, q_sample, training_loss
 from model.folder import ModelFolderError, load_into, load_model, load_text_encoder, load_vqvae, random_model, save_model
@@ -34,7 +37,7 @@ from model.null_cond import NullCondition
 from model.pipeline import VQDiffusion
 from model.text_encoder import text_encoder_config
 from model.tokenizer import ALPHABET, word_tokenizer
-from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
+from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
 
 NULL_MODES = ("learnable", "empty", "none")
 
@@ -90,14 +93,15 @@ def caption_words(captions: list[str]) -> list[str]:
     return list(words)
 
 
+def caption_tokenizer(c: TextEncoderConfig, captions: list[str]) -> tuple[CLIPTokenizer, TextEncoderConfig]:
+    """A word-level tokenizer over the captions' words, and ``c`` with room for its vocabulary."""
+    tokenizer = word_tokenizer(caption_words(captions))
+    return tokenizer, c if len(tokenizer) <= c.vocab_size else replace(c, vocab_size=len(tokenizer))
+
+
 def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
     """Learning rate / cfg.lr at ``step``: linear warmup, then constant or cosine down to min_lr."""
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
-    if cfg.min_lr is None or step < cfg.warmup:
-        return warm
-    done = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    floor = cfg.min_lr / cfg.lr
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+    return warmup_cosine(step, cfg.warmup, cfg.steps, None if cfg.min_lr is None else cfg.min_lr / cfg.lr)
 
 
 @torch.no_grad()
@@ -140,10 +144,8 @@ def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion
     vq_config = vqvae.config
     if vq_config.num_vq_embeddings != config.vqvae.num_vq_embeddings or vq_config.downsample != config.vqvae.downsample:
         raise ModelFolderError(f"{vq_dir}: its VQVAE does not fit preset {cfg.preset!r} (codebook size or downsampling)")
-    config = replace(config, vqvae=vq_config, learnable_null=cfg.null_mode == "learnable")
-    tokenizer = word_tokenizer(caption_words(captions))
-    if len(tokenizer) > config.text_encoder.vocab_size:
-        config = replace(config, text_encoder=replace(config.text_encoder, vocab_size=len(tokenizer)))
+    tokenizer, text_config = caption_tokenizer(config.text_encoder, captions)
+    config = replace(config, vqvae=vq_config, learnable_null=cfg.null_mode == "learnable", text_encoder=text_config)
     model = random_model(config, tokenizer, seed=cfg.seed)
     load_into(model.vqvae, vqvae.state_dict(), str(vq_dir))
     return model if cfg.text_encoder is None else with_text_encoder(model, cfg.text_encoder)

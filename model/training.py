@@ -7,10 +7,21 @@ Runs are resumable and exact: a batch, a timestep, a noise draw at step s depend
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
+
+
+def warmup_cosine(step: int, warmup: int, steps: int, floor: float | None) -> float:
+    """Learning-rate factor at ``step``: linear warmup over ``warmup`` steps, then constant
+    (``floor`` None) or a cosine from 1 down to ``floor`` at ``steps``."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    if floor is None or step < warmup:
+        return warm
+    done = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:

@@ -243,6 +243,14 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     print(train_clip(cfg, progress=not args.quiet))
 
 
+def _add_run_args(s: argparse.ArgumentParser, ckpt_every: int) -> None:
+    """What every resumable trainer takes: checkpoint and log intervals, the seed, --quiet."""
+    s.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    s.add_argument("--log-every", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqdiff", description="Improved VQ-Diffusion: model tools and server")
     sub = p.add_subparsers(dest="command", required=True)
@@ -338,10 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "squared distance from its code (k-means++)")
     s.add_argument("--tie-weight", type=float, default=0.0,
                    help="weight of the loss tying the latents of pixel-identical patches (0: off)")
-    s.add_argument("--ckpt-every", type=int, default=200)
-    s.add_argument("--log-every", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _add_run_args(s, ckpt_every=200)
     s.set_defaults(func=cmd_train_vqvae)
 
     for what in ("transformer", "null-cond"):
@@ -375,10 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--text-encoder", type=Path,
                        help="use this text encoder and tokenizer (OUT of `vqdiff train clip`, or a model folder)")
         s.add_argument("--freeze-text", action="store_true", help="keep the text encoder fixed, as the paper keeps CLIP")
-        s.add_argument("--ckpt-every", type=int, default=250)
-        s.add_argument("--log-every", type=int, default=50)
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--quiet", action="store_true")
+        _add_run_args(s, ckpt_every=250)
         s.set_defaults(func=cmd_train_transformer)
 
     s = train.add_parser("clip", help="pretrain the text encoder contrastively (CLIP) on an image-caption folder")
@@ -391,10 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=100)
     s.add_argument("--swap", default="left:right,above:below,top:bottom",
                    help="comma-separated word pairs: a caption with one of them swapped is a hard negative ('' for none)")
-    s.add_argument("--ckpt-every", type=int, default=250)
-    s.add_argument("--log-every", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
+    _add_run_args(s, ckpt_every=250)
     s.set_defaults(func=cmd_train_clip)
 
     s = sub.add_parser("init", help="write a randomly initialised model folder from a preset")
