@@ -31,7 +31,7 @@ from transformers import CLIPTokenizer
 
 from model.config import TextEncoderConfig, from_name
 from model.data import ImageCaptionFolder, read_index
-from model.diffusion import ImportanceSampler, q_sample, training_loss
+from model.diffusion import ImportanceSampler, Schedule, q_sample, training_loss
 from model.folder import ModelFolderError, load_into, load_model, load_text_encoder, load_vqvae, random_model, save_model
 from model.null_cond import NullCondition
 from model.pipeline import VQDiffusion
@@ -62,6 +62,8 @@ class TransformerTrainConfig:
     freeze_text: bool = False  # keep the text encoder fixed, as the paper keeps CLIP
     aux_weight: float | None = None  # weight of the auxiliary x0 cross-entropy; None: the preset's (5e-4)
     precision: str = "fp32"  # "bf16": the forward under bf16 autocast (weights, optimizer and loss stay fp32)
+    device: str = "cpu"  # where the model trains; batches are drawn on the CPU either way (same draws)
+    time_budget_s: float | None = None  # fit the run (its cosine tail included) into this many seconds
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
@@ -79,6 +81,8 @@ class TransformerTrainConfig:
             raise ValueError(f"aux_weight: {self.aux_weight} is not allowed; expected a finite number >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision: {self.precision!r} is not allowed; expected 'fp32' or 'bf16'")
+        if self.time_budget_s is not None and not (self.time_budget_s > 0 and math.isfinite(self.time_budget_s)):
+            raise ValueError(f"time_budget_s: {self.time_budget_s} is not allowed; expected a number of seconds > 0")
         if self.only_null and self.null_mode != "learnable":
             raise ValueError("only_null trains the learnable null: it needs null_mode 'learnable'")
 
@@ -102,6 +106,17 @@ def caption_tokenizer(c: TextEncoderConfig, captions: list[str]) -> tuple[CLIPTo
 def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
     """Learning rate / cfg.lr at ``step``: linear warmup, then constant or cosine down to min_lr."""
     return warmup_cosine(step, cfg.warmup, cfg.steps, None if cfg.min_lr is None else cfg.min_lr / cfg.lr)
+
+
+PROBE_STEPS = 50  # steps timed before a time-budgeted run fixes its length
+
+
+def budgeted_steps(cfg: TransformerTrainConfig, step: int, elapsed_s: float, s_per_step: float) -> int:
+    """The step a run with ``cfg.time_budget_s`` ends at: as many steps as the budget's remaining
+    seconds allow at the measured pace (a 5% margin for checkpoints), never more than cfg.steps and
+    never fewer than ``step``. The learning-rate schedule then decays to min_lr at that step."""
+    left = cfg.time_budget_s - elapsed_s
+    return max(step, min(cfg.steps, step + int(0.95 * left / s_per_step)))
 
 
 @torch.no_grad()
@@ -155,10 +170,11 @@ def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion
 def tokenize_dataset(model: VQDiffusion, data: ImageCaptionFolder, batch: int = 256) -> torch.Tensor:
     """Every image's token grid, once: (n, N) long. The VQVAE is frozen while the transformer trains."""
     model.vqvae.eval()
+    device = next(model.vqvae.parameters()).device
     out = []
     for i in range(0, len(data), batch):
         images = torch.stack([data[j][0] for j in range(i, min(i + batch, len(data)))])  # (b, 3, H, W)
-        out.append(model.vqvae.tokenize(images))
+        out.append(model.vqvae.tokenize(images.to(device)).cpu())
     return torch.cat(out)  # (n, N)
 
 
@@ -188,6 +204,7 @@ def cached_tokens(model: VQDiffusion, data: ImageCaptionFolder, path: Path) -> t
 
 
 def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Path:
+    t_start = time.time()  # a time budget counts from here: loading and tokenizing are in it
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -196,10 +213,12 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     # a resumed run rebuilds the architecture (and tokenizer) from its own model folder
     resumed = replace(cfg, init=str(out / "model"), vqvae=None, text_encoder=None)  # the run folder holds everything
     model = build_model(resumed if ckpt is not None else cfg, captions)
+    device = torch.device(cfg.device)
     data = ImageCaptionFolder(cfg.data, model.config.image_size, cache=False)
     if len(data) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(data)} images, fewer than batch_size {cfg.batch_size}")
-    tokens = cached_tokens(model, data, out / "tokens.pt")  # (n, N)
+    model.to(device)
+    tokens = cached_tokens(model, data, out / "tokens.pt").cpu()  # (n, N)
     ids = model.text_encoder.tokenize(captions)  # (n, L)
     empty_ids = model.text_encoder.tokenize([""])  # (1, L)
 
@@ -214,7 +233,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     importance = ImportanceSampler(model.config.diffusion.num_timesteps)
-    step = 0
+    step, planned = 0, None
     if ckpt is not None:
         if ckpt["train_config"]["data"] != cfg.data:
             raise ValueError(f"{ckpt_path}: was trained on {ckpt['train_config']['data']}, not {cfg.data}; use a new --out")
@@ -223,12 +242,17 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         sched.load_state_dict(ckpt["sched"])
         importance.load_state_dict(ckpt["importance"])
         step = ckpt["step"]
+        if ckpt.get("planned_steps") is not None and cfg.time_budget_s is None:
+            planned = ckpt["planned_steps"]  # the length an interrupted budgeted run had fixed
+            cfg = replace(cfg, steps=planned)
 
-    schedule, c = model.schedule, model.config.transformer
+    # x_t is drawn on the CPU from the step's generator, so every device sees the same batches
+    cpu_schedule, schedule, c = Schedule(model.config.diffusion), model.schedule, model.config.transformer
     log = JsonLog(out / "train.log")
     model.train()
     model.vqvae.eval()
     t0, seen = time.time(), 0.0
+    start, t_half = step, t0  # t_half: when the probe's timed second half began
     bar = tqdm(total=cfg.steps, initial=step, desc="train transformer", unit="step", disable=not progress)
     while step < cfg.steps:
         g = step_generator(cfg.seed, step)
@@ -236,18 +260,19 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         b = idx.numel()
         x0 = tokens[idx]  # (B, N)
         t, pt = importance.sample(b, g)  # (B,), (B,)
-        x_t = q_sample(schedule, x0, t, generator=g)  # (B, N)
+        x_t = q_sample(cpu_schedule, x0, t, generator=g)  # (B, N)
         drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        x0, x_t, t_dev, pt, drop = (v.to(device, non_blocking=True) for v in (x0, x_t, t, pt, drop))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             with torch.set_grad_enabled(text_trains):
-                text = model.text_encoder(ids[idx])  # (B, L, D)
+                text = model.text_encoder(ids[idx].to(device))  # (B, L, D)
             if cfg.null_mode == "learnable":
                 null = model.null_cond(b)  # (B, L, D)
             else:
-                null = model.text_encoder(empty_ids).expand(b, -1, -1)  # (B, L, D)
+                null = model.text_encoder(empty_ids.to(device)).expand(b, -1, -1)  # (B, L, D)
             cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, L, D)
-            log_x0 = model.transformer.log_probs(x_t, t, cond)  # (B, N, K) fp32
-        loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t, pt=pt, return_terms=True,
+            log_x0 = model.transformer.log_probs(x_t, t_dev, cond)  # (B, N, K) fp32
+        loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t_dev, pt=pt, return_terms=True,
                                       auxiliary_loss_weight=cfg.aux_weight)  # (B,)
         loss = loss_b.sum() / (b * c.num_tokens)
         opt.zero_grad(set_to_none=True)
@@ -255,11 +280,22 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        importance.update(t, terms.vb.detach())
+        importance.update(t, terms.vb.detach().cpu())
         step += 1
         seen += b
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if cfg.time_budget_s is not None and step == start + PROBE_STEPS // 2:
+            t_half = time.time()
+        if cfg.time_budget_s is not None and step == start + PROBE_STEPS:
+            # the first steps carry start-up costs; the pace is measured over the last half of the probe
+            planned = budgeted_steps(cfg, step, time.time() - t_start, (time.time() - t_half) / (PROBE_STEPS // 2))
+            cfg = replace(cfg, steps=planned)  # lr_factor reads cfg.steps: the cosine now ends at `planned`
+            bar.total = planned
+            log.write({"step": step, "planned_steps": planned, "time_budget_s": cfg.time_budget_s,
+                       "elapsed_s": round(time.time() - t0, 1)})
+        # the pace can drop after the plan (other work on the device): the budget is a hard stop too
+        over = cfg.time_budget_s is not None and time.time() - t_start > cfg.time_budget_s
+        if step % cfg.log_every == 0 or step == cfg.steps or over:
             with torch.no_grad():
                 masked = x_t == c.mask_id
                 acc = (log_x0.argmax(-1) == x0)[masked].float().mean().item() if masked.any() else float("nan")
@@ -267,13 +303,16 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
                    "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
             log.write(rec)
             bar.set_postfix(loss=rec["loss"], acc=rec["masked_acc"])
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or over:
             save_model(model.eval(), out / "model", overwrite=True)
             model.train()
             model.vqvae.eval()
             save_checkpoint({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                              "sched": sched.state_dict(), "importance": importance.state_dict(),
-                             "train_config": asdict(cfg)}, ckpt_path)
+                             "planned_steps": planned, "train_config": asdict(cfg)}, ckpt_path)
+        if over and step < cfg.steps:
+            log.write({"step": step, "stopped": "time budget spent", "elapsed_s": round(time.time() - t0, 1)})
+            break
     bar.close()
     log.close()
     return out / "model"

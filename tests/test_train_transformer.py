@@ -196,3 +196,63 @@ def test_a_resumed_run_reuses_its_tokens_unless_the_images_or_vqvae_change(run, 
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     train_transformer(_cfg(run, out, data=str(data), steps=3), progress=False)
     assert calls == [1, 1]
+
+
+def test_budgeted_steps_fit_the_time_left():
+    from model.train_transformer import budgeted_steps
+
+    cfg = TransformerTrainConfig(data="d", out="o", vqvae="v", steps=10_000, time_budget_s=100.0)
+    assert budgeted_steps(cfg, 50, elapsed_s=10.0, s_per_step=0.1) == 50 + int(0.95 * 90 / 0.1)
+    assert budgeted_steps(cfg, 50, elapsed_s=10.0, s_per_step=0.001) == 10_000  # never beyond --steps
+    assert budgeted_steps(cfg, 50, elapsed_s=150.0, s_per_step=0.1) == 50  # over budget: stop now
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", time_budget_s=0.0)
+
+
+def test_a_time_budget_fixes_the_run_length_and_the_cosine_ends_there(run, monkeypatch):
+    import model.train_transformer as tt
+
+    monkeypatch.setattr(tt, "PROBE_STEPS", 4)
+    # a 4-step probe, then a budget that allows only a few more steps at the measured pace
+    clock = iter(range(0, 10_000, 1))
+    monkeypatch.setattr(tt.time, "time", lambda: float(next(clock)))  # each call advances one "second"
+    cfg = _cfg(run, "budget", steps=500, time_budget_s=60.0, min_lr=1e-5, ckpt_every=1000)
+    folder = train_transformer(cfg, progress=False)
+    log = [json.loads(x) for x in (run[0] / "budget" / "train.log").read_text().splitlines()]
+    plan = [r for r in log if "planned_steps" in r]
+    assert len(plan) == 1 and plan[0]["step"] == 4
+    planned = plan[0]["planned_steps"]
+    assert 4 < planned < 500
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps[-1] == planned  # the run ended where it planned to ...
+    assert log[-1]["lr"] == pytest.approx(1e-5)  # ... with the cosine tail at min_lr
+    ckpt = torch.load(run[0] / "budget" / "checkpoint.pt", weights_only=True)
+    assert ckpt["planned_steps"] == planned and ckpt["step"] == planned
+    assert load_model(folder).null_cond is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_draws_the_cpu_batches_and_matches_the_cpu_loss(run, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the VQVAE's convs must give the CPU's tokens
+    losses = {}
+    for device in ("cpu", "cuda"):
+        train_transformer(_cfg(run, f"dev-{device}", steps=3, device=device), progress=False)
+        losses[device] = [json.loads(x)["loss"] for x in (run[0] / f"dev-{device}" / "train.log").read_text().splitlines()]
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-3)
+    ckpt = torch.load(run[0] / "dev-cuda" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 3
+
+
+def test_a_spent_time_budget_stops_the_run_with_a_saved_model(run, monkeypatch):
+    import model.train_transformer as tt
+
+    monkeypatch.setattr(tt, "PROBE_STEPS", 10_000)  # no plan: only the hard stop can end this run early
+    clock = iter(range(0, 10_000, 1))
+    monkeypatch.setattr(tt.time, "time", lambda: float(next(clock)))
+    # 100 "seconds" cannot hold 500 steps at several clock reads a step: the run stops before its plan
+    folder = train_transformer(_cfg(run, "spent", steps=500, time_budget_s=100.0, ckpt_every=1000), progress=False)
+    log = [json.loads(x) for x in (run[0] / "spent" / "train.log").read_text().splitlines()]
+    assert log[-1]["stopped"] == "time budget spent"
+    ckpt = torch.load(run[0] / "spent" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == log[-1]["step"] < 500
+    assert load_model(folder) is not None

@@ -229,7 +229,8 @@ def cmd_train_transformer(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr=args.min_lr, null_drop=args.null_drop,
         null_mode=args.null_mode, only_null=fine_tune and args.only_null, aux_weight=args.aux_weight,
         text_encoder=str(args.text_encoder) if args.text_encoder else None, freeze_text=args.freeze_text,
-        precision=args.precision, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed)
+        precision=args.precision, device=args.device, time_budget_s=args.time_budget_s,
+        log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed)
     print(train_transformer(cfg, progress=not args.quiet))
 
 
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--text-encoder", type=Path,
                        help="use this text encoder and tokenizer (OUT of `vqdiff train clip`, or a model folder)")
         s.add_argument("--freeze-text", action="store_true", help="keep the text encoder fixed, as the paper keeps CLIP")
+        s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (batches are drawn on the CPU either way)")
+        s.add_argument("--time-budget-s", type=float, help="fit the run into this many seconds: after 50 timed steps "
+                       "it fixes --steps (at most the given value) so that the cosine tail ends in time")
         _add_run_args(s, ckpt_every=250)
         s.set_defaults(func=cmd_train_transformer)
 

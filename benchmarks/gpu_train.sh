@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Issue 4 on a lent GPU, in ONE device call of under 10 minutes. Four trainings share the GPU, each
+# with a time budget (`--time-budget-s`: the run fixes its length after 50 timed steps so that its
+# cosine tail ends in time, and stops at the budget whatever happens):
+#   joint       a fresh transformer + jointly trained text encoder on place-rich captions (batch 256)
+#   clipfrozen  the same, conditioned on the CLIP-pretrained text encoder (`vqdiff train clip`), frozen
+#   clipinit    the same, starting from that text encoder and training it
+#   table1      Table 1's protocol (benchmarks/table1.sh): a base without a null condition, its two
+#               null-condition fine-tunes, then the ten evaluations
+# then `vqdiff eval` of the three new models, and their weights (fp16, without the VQVAE) to $OUT.
+#
+# Carried in $CARRY (default .carry, ignored by git): vq3/ (the VQVAE folder the runs start from) and
+# clip1/ (text_encoder/ and tokenizer/ of `vqdiff train clip`). Needs python3 with torch (CUDA),
+# transformers, safetensors, pillow, tqdm: the device image has them. From the repository root:
+#     OUT=/tmp/gpu_train bash benchmarks/gpu_train.sh
+# With the device tool: run(command="bash benchmarks/gpu_train.sh", carry=[".carry"], timeout_s=595).
+# A CPU rehearsal: DEVICE=cpu N=600 BATCH=16 BUDGET=60 BASE_BUDGET=25 FT_BUDGET=15 EVAL_N=4 TOTAL=240 ...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out/gpu_train}
+CARRY=${CARRY:-.carry}
+WORK=${WORK:-/tmp/gpu_train}
+N=${N:-120000}            # images of the place-rich dataset, written in $SHARDS processes
+SHARDS=${SHARDS:-8}
+BATCH=${BATCH:-256}
+BUDGET=${BUDGET:-400}     # seconds for each of the three new transformers (loading and tokenizing included)
+BASE_BUDGET=${BASE_BUDGET:-190}
+FT_BUDGET=${FT_BUDGET:-100}
+EVAL_N=${EVAL_N:-100}
+TOTAL=${TOTAL:-575}       # the whole script's deadline in seconds; evaluations are cut to fit it
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+VQ="$PY -m vqdiff.cli"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=2
+mkdir -p "$OUT"
+T0=$SECONDS
+stamp() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/timeline.txt"; }
+left() { echo $((T0 + TOTAL - SECONDS - ${1:-0})); }  # seconds left before the deadline, minus a reserve
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')"
+} | tee "$OUT/env.txt"
+for f in "$CARRY/vq3/config.json" "$CARRY/clip1/text_encoder/config.json" "$CARRY/clip1/tokenizer/vocab.json"; do
+  [[ -f $f ]] || { echo "gpu_train: $f is missing (see the header)"; exit 2; }
+done
+
+rm -rf "$WORK" && mkdir -p "$WORK"
+stamp "the trainer's CUDA test, and the dataset ($N images, $SHARDS shards)"
+( $PY -m pytest -q -p no:cacheprovider tests/test_train_transformer.py -k cuda >"$WORK/cuda_test.out" 2>&1; echo "exit $?" >>"$WORK/cuda_test.out" ) &
+DATA=$WORK/placed
+per=$(((N + SHARDS - 1) / SHARDS))
+for ((k = 0; k < SHARDS; k++)); do
+  start=$((k * per)); n=$((N - start < per ? N - start : per))
+  $VQ data shapes "$DATA.$k" --start $start --n $n --place-rate 1.0 --place-rate-many 0.6 --quiet >/dev/null &
+done
+wait
+# one folder, numbered as a single `vqdiff data shapes --n $N` would number it
+$PY - "$DATA" "$SHARDS" <<'EOF' || exit 1
+import json, os, sys
+from pathlib import Path
+dst, shards = Path(sys.argv[1]), int(sys.argv[2])
+(dst / "images").mkdir(parents=True)
+n = 0
+with open(dst / "captions.jsonl", "w") as f:
+    for k in range(shards):
+        src = Path(f"{dst}.{k}")
+        for line in (src / "captions.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            name = f"images/{n:06d}.png"
+            os.rename(src / r["image"], dst / name)
+            f.write(json.dumps({"image": name, "caption": r["caption"]}) + "\n")
+            n += 1
+print(f"{dst}: {n} images")
+EOF
+cat "$WORK/cuda_test.out"
+stamp "dataset written; training"
+
+common=(--data "$DATA" --device "$DEVICE" --precision bf16 --steps 100000 --batch-size "$BATCH" --lr 8e-4 --warmup 500 --min-lr 2e-5
+        --ckpt-every 1000 --log-every 100 --time-budget-s "$BUDGET" --quiet --vqvae "$CARRY/vq3")
+declare -A PID
+$VQ train transformer "${common[@]}" --out "$WORK/joint" >"$WORK/joint.out" 2>&1 &
+PID[joint]=$!
+$VQ train transformer "${common[@]}" --out "$WORK/clipfrozen" --text-encoder "$CARRY/clip1" --freeze-text \
+  >"$WORK/clipfrozen.out" 2>&1 &
+PID[clipfrozen]=$!
+$VQ train transformer "${common[@]}" --out "$WORK/clipinit" --text-encoder "$CARRY/clip1" >"$WORK/clipinit.out" 2>&1 &
+PID[clipinit]=$!
+
+eval_model() {  # name, model, seconds, extra eval flags
+  timeout "$3" $VQ eval --model "$2" --device "$DEVICE" --kind one,two --n "$EVAL_N" --steps 16 --quiet "${@:4}" \
+    >"$WORK/eval_$1.txt" 2>&1 || echo "(eval $1: exit $?)" >>"$WORK/eval_$1.txt"
+}
+(
+  T1=$WORK/table1
+  $VQ train transformer --data "$DATA" --vqvae "$CARRY/vq3" --out "$T1/base" --device "$DEVICE" --steps 6000 \
+    --batch-size 64 --precision bf16 --lr 5e-4 --warmup 200 --min-lr 2e-5 --null-mode none --time-budget-s "$BASE_BUDGET" \
+    --ckpt-every 1000 --log-every 100 --quiet >"$T1.base.out" 2>&1
+  stamp "table1: base done"
+  for mode in empty learnable; do
+    $VQ train null-cond --data "$DATA" --model "$T1/base/model" --out "$T1/$mode" --device "$DEVICE" --steps 1500 \
+      --precision bf16 --null-mode $mode --time-budget-s "$FT_BUDGET" --ckpt-every 500 --log-every 100 --quiet >"$T1.$mode.out" 2>&1 &
+  done
+  wait
+  stamp "table1: fine-tunes done; evaluating"
+  s=$(left 40)
+  eval_model t1_none "$T1/base/model" "$s" --samples 2 --guidance-scale 1 --uncond empty &
+  for g in 2 3 5; do
+    eval_model t1_zero_g$g "$T1/base/model" "$s" --samples 2 --guidance-scale $g --uncond empty &
+    eval_model t1_text_g$g "$T1/empty/model" "$s" --samples 2 --guidance-scale $g --uncond empty &
+    eval_model t1_learn_g$g "$T1/learnable/model" "$s" --samples 2 --guidance-scale $g --uncond null &
+  done
+  wait
+  for e in none zero_g2 text_g2 learn_g2 zero_g3 text_g3 learn_g3 zero_g5 text_g5 learn_g5; do
+    echo "## $e"; cat "$WORK/eval_t1_$e.txt"
+  done >"$OUT/table1.txt"
+  stamp "table1: evaluated"
+) &
+
+for j in joint clipfrozen clipinit; do
+  wait "${PID[$j]}"
+  stamp "$j: exit $? ($(tail -c 300 "$WORK/$j/train.log" 2>/dev/null | tail -1))"
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$OUT/timeline.txt" 2>&1
+done
+stamp "new models trained; evaluating"
+s=$(left 25)
+for j in joint clipfrozen clipinit; do
+  eval_model "$j" "$WORK/$j/model" "$s" --guidance-scale 2 &
+done
+wait
+stamp "evaluated; packing"
+
+for j in joint clipfrozen clipinit; do
+  $VQ convert "$WORK/$j/model" "$WORK/conv/$j" --dtype fp16 >/dev/null &&
+    tar czf "$OUT/$j.tr.tgz" -C "$WORK/conv/$j" --exclude=./vqvae --exclude=./text_encoder --exclude=./tokenizer . &&
+    tar czf "$OUT/$j.te.tgz" -C "$WORK/conv/$j" ./text_encoder ./tokenizer
+done
+(cd "$WORK" && find . -path ./placed -prune -o \( -name train.log -o -name '*.out' -o -name 'eval_*.txt' \) -print |
+  tar czf "$OUT/logs.tgz" -T -)
+stamp "done"
+echo "== evaluations"
+for f in "$WORK"/eval_*.txt; do echo "# $(basename "$f")"; grep -E "^(one|two) |exit|Error" "$f"; done
+echo "== plans"
+grep -h planned_steps "$WORK"/*/train.log "$WORK"/table1/*/train.log
+grep -h stopped "$WORK"/*/train.log "$WORK"/table1/*/train.log
+ls -la "$OUT"
