@@ -26,7 +26,7 @@ from model.folder import load_model
 from model.sampler import default_params
 
 FEATURES = Path(__file__).resolve().parent.parent / "models" / "features"
-STEPS = (4, 8, 16, 32)
+STEPS = (4, 8, 16, 32, 64)
 GUIDANCE = (1.0, 2.0, 3.0, 5.0, 8.0)
 
 

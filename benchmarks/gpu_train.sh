@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Issue 4 on a lent GPU, in ONE device call of under 10 minutes. Four trainings share the GPU, each
+# Issue 4 on a lent GPU, in ONE device call of under 10 minutes. Trainings share the GPU (each
+# process is bound by its own host work, so running several costs little: docs/BENCHMARKS.md), each
 # with a time budget (`--time-budget-s`: the run fixes its length after 50 timed steps so that its
-# cosine tail ends in time, and stops at the budget whatever happens):
+# cosine tail ends in time, and stops at the budget whatever happens). $RUNS picks the new models:
 #   joint       a fresh transformer + jointly trained text encoder on place-rich captions (batch 256)
 #   clipfrozen  the same, conditioned on the CLIP-pretrained text encoder (`vqdiff train clip`), frozen
 #   clipinit    the same, starting from that text encoder and training it
-#   table1      Table 1's protocol (benchmarks/table1.sh): a base without a null condition, its two
-#               null-condition fine-tunes, then the ten evaluations
-# then `vqdiff eval` of the three new models, and their weights (fp16, without the VQVAE) to $OUT.
+#   more        models/default trained on (lr 3e-4, cosine to 2e-5)
+# and, unless TABLE1=0, Table 1's protocol (benchmarks/table1.sh): a base without a null condition
+# (batch $T1_BATCH, starting from the CLIP-pretrained text encoder like the default model), its two
+# null-condition fine-tunes, then the ten evaluations (16 forwards, as table1.sh).
+# Then `vqdiff eval` of the new models, and their weights (fp16, without the VQVAE) to $OUT.
+# Session 12 ran RUNS="joint clipfrozen clipinit" T1_BATCH=64 T1_TEXT= BASE_BUDGET=190 FT_BUDGET=100.
 #
 # Carried in $CARRY (default .carry, ignored by git): vq3/ (the VQVAE folder the runs start from) and
 # clip1/ (text_encoder/ and tokenizer/ of `vqdiff train clip`). Needs python3 with torch (CUDA),
 # transformers, safetensors, pillow, tqdm: the device image has them. From the repository root:
 #     OUT=/tmp/gpu_train bash benchmarks/gpu_train.sh
 # With the device tool: run(command="bash benchmarks/gpu_train.sh", carry=[".carry"], timeout_s=595).
+# .carry (in .git/info/exclude): cp -r vq3/vqvae .carry/vq3; mkdir .carry/clip1; cp -r clip1/text_encoder
+# clip1/tokenizer .carry/clip1 (the run folders of the commands in models/default/README.md).
 # A CPU rehearsal: DEVICE=cpu N=600 BATCH=16 BUDGET=60 BASE_BUDGET=25 FT_BUDGET=15 EVAL_N=4 TOTAL=240 ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +30,12 @@ N=${N:-120000}            # images of the place-rich dataset, written in $SHARDS
 SHARDS=${SHARDS:-8}
 BATCH=${BATCH:-256}
 BUDGET=${BUDGET:-400}     # seconds for each of the three new transformers (loading and tokenizing included)
-BASE_BUDGET=${BASE_BUDGET:-190}
-FT_BUDGET=${FT_BUDGET:-100}
+RUNS=${RUNS:-more}
+TABLE1=${TABLE1:-1}
+T1_BATCH=${T1_BATCH:-256}
+T1_TEXT=${T1_TEXT-$CARRY/clip1}  # empty: a jointly trained text encoder
+BASE_BUDGET=${BASE_BUDGET:-270}
+FT_BUDGET=${FT_BUDGET:-110}
 EVAL_N=${EVAL_N:-100}
 TOTAL=${TOTAL:-575}       # the whole script's deadline in seconds; evaluations are cut to fit it
 DEVICE=${DEVICE:-cuda}
@@ -75,39 +85,43 @@ EOF
 cat "$WORK/cuda_test.out"
 stamp "dataset written; training"
 
-common=(--data "$DATA" --device "$DEVICE" --precision bf16 --steps 100000 --batch-size "$BATCH" --lr 8e-4 --warmup 500 --min-lr 2e-5
-        --ckpt-every 1000 --log-every 100 --time-budget-s "$BUDGET" --quiet --vqvae "$CARRY/vq3")
+common=(--data "$DATA" --device "$DEVICE" --precision bf16 --steps 100000 --batch-size "$BATCH" --lr 8e-4 --warmup 500
+        --min-lr 2e-5 --ckpt-every 1000 --log-every 100 --time-budget-s "$BUDGET" --quiet)  # later flags win
 declare -A PID
-$VQ train transformer "${common[@]}" --out "$WORK/joint" >"$WORK/joint.out" 2>&1 &
-PID[joint]=$!
-$VQ train transformer "${common[@]}" --out "$WORK/clipfrozen" --text-encoder "$CARRY/clip1" --freeze-text \
-  >"$WORK/clipfrozen.out" 2>&1 &
-PID[clipfrozen]=$!
-$VQ train transformer "${common[@]}" --out "$WORK/clipinit" --text-encoder "$CARRY/clip1" >"$WORK/clipinit.out" 2>&1 &
-PID[clipinit]=$!
+for j in $RUNS; do
+  case $j in
+    joint) args=(--vqvae "$CARRY/vq3") ;;
+    clipfrozen) args=(--vqvae "$CARRY/vq3" --text-encoder "$CARRY/clip1" --freeze-text) ;;
+    clipinit) args=(--vqvae "$CARRY/vq3" --text-encoder "$CARRY/clip1") ;;
+    more) args=(--init models/default --lr 3e-4 --warmup 200) ;;
+    *) echo "gpu_train: unknown run $j"; exit 2 ;;
+  esac
+  $VQ train transformer "${common[@]}" "${args[@]}" --out "$WORK/$j" >"$WORK/$j.out" 2>&1 &
+  PID[$j]=$!
+done
 
 eval_model() {  # name, model, seconds, extra eval flags
-  timeout "$3" $VQ eval --model "$2" --device "$DEVICE" --kind one,two --n "$EVAL_N" --steps 16 --quiet "${@:4}" \
+  timeout "$3" $VQ eval --model "$2" --device "$DEVICE" --kind one,two --n "$EVAL_N" --quiet "${@:4}" \
     >"$WORK/eval_$1.txt" 2>&1 || echo "(eval $1: exit $?)" >>"$WORK/eval_$1.txt"
 }
-(
+[[ $TABLE1 == 1 ]] && (
   T1=$WORK/table1
-  $VQ train transformer --data "$DATA" --vqvae "$CARRY/vq3" --out "$T1/base" --device "$DEVICE" --steps 6000 \
-    --batch-size 64 --precision bf16 --lr 5e-4 --warmup 200 --min-lr 2e-5 --null-mode none --time-budget-s "$BASE_BUDGET" \
-    --ckpt-every 1000 --log-every 100 --quiet >"$T1.base.out" 2>&1
+  $VQ train transformer --data "$DATA" --vqvae "$CARRY/vq3" ${T1_TEXT:+--text-encoder "$T1_TEXT"} --out "$T1/base" \
+    --device "$DEVICE" --steps 100000 --batch-size "$T1_BATCH" --precision bf16 --lr 8e-4 --warmup 500 --min-lr 2e-5 \
+    --null-mode none --time-budget-s "$BASE_BUDGET" --ckpt-every 1000 --log-every 100 --quiet >"$T1.base.out" 2>&1
   stamp "table1: base done"
   for mode in empty learnable; do
-    $VQ train null-cond --data "$DATA" --model "$T1/base/model" --out "$T1/$mode" --device "$DEVICE" --steps 1500 \
+    $VQ train null-cond --data "$DATA" --model "$T1/base/model" --out "$T1/$mode" --device "$DEVICE" --steps 100000 \
       --precision bf16 --null-mode $mode --time-budget-s "$FT_BUDGET" --ckpt-every 500 --log-every 100 --quiet >"$T1.$mode.out" 2>&1 &
   done
   wait
   stamp "table1: fine-tunes done; evaluating"
   s=$(left 40)
-  eval_model t1_none "$T1/base/model" "$s" --samples 2 --guidance-scale 1 --uncond empty &
+  eval_model t1_none "$T1/base/model" "$s" --steps 16 --samples 2 --guidance-scale 1 --uncond empty &
   for g in 2 3 5; do
-    eval_model t1_zero_g$g "$T1/base/model" "$s" --samples 2 --guidance-scale $g --uncond empty &
-    eval_model t1_text_g$g "$T1/empty/model" "$s" --samples 2 --guidance-scale $g --uncond empty &
-    eval_model t1_learn_g$g "$T1/learnable/model" "$s" --samples 2 --guidance-scale $g --uncond null &
+    eval_model t1_zero_g$g "$T1/base/model" "$s" --steps 16 --samples 2 --guidance-scale $g --uncond empty &
+    eval_model t1_text_g$g "$T1/empty/model" "$s" --steps 16 --samples 2 --guidance-scale $g --uncond empty &
+    eval_model t1_learn_g$g "$T1/learnable/model" "$s" --steps 16 --samples 2 --guidance-scale $g --uncond null &
   done
   wait
   for e in none zero_g2 text_g2 learn_g2 zero_g3 text_g3 learn_g3 zero_g5 text_g5 learn_g5; do
@@ -116,20 +130,20 @@ eval_model() {  # name, model, seconds, extra eval flags
   stamp "table1: evaluated"
 ) &
 
-for j in joint clipfrozen clipinit; do
+for j in $RUNS; do
   wait "${PID[$j]}"
   stamp "$j: exit $? ($(tail -c 300 "$WORK/$j/train.log" 2>/dev/null | tail -1))"
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$OUT/timeline.txt" 2>&1
 done
 stamp "new models trained; evaluating"
 s=$(left 25)
-for j in joint clipfrozen clipinit; do
-  eval_model "$j" "$WORK/$j/model" "$s" --guidance-scale 2 &
+for j in $RUNS; do
+  eval_model "$j" "$WORK/$j/model" "$s" --steps 64 --guidance-scale 2 --truncation-rate 0.85 &  # the default's
 done
 wait
 stamp "evaluated; packing"
 
-for j in joint clipfrozen clipinit; do
+for j in $RUNS; do
   $VQ convert "$WORK/$j/model" "$WORK/conv/$j" --dtype fp16 >/dev/null &&
     tar czf "$OUT/$j.tr.tgz" -C "$WORK/conv/$j" --exclude=./vqvae --exclude=./text_encoder --exclude=./tokenizer . &&
     tar czf "$OUT/$j.te.tgz" -C "$WORK/conv/$j" ./text_encoder ./tokenizer
