@@ -101,6 +101,7 @@ for j in $RUNS; do
 done
 
 eval_model() {  # name, model, seconds, extra eval flags
+  if (($3 < 10)); then echo "(eval $1: skipped, $3 s left before the deadline)" >"$WORK/eval_$1.txt"; return; fi
   timeout "$3" $VQ eval --model "$2" --device "$DEVICE" --kind one,two --n "$EVAL_N" --quiet "${@:4}" \
     >"$WORK/eval_$1.txt" 2>&1 || echo "(eval $1: exit $?)" >>"$WORK/eval_$1.txt"
 }
