@@ -218,7 +218,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     if len(data) < cfg.batch_size:
         raise ValueError(f"{cfg.data}: {len(data)} images, fewer than batch_size {cfg.batch_size}")
     model.to(device)
-    tokens = cached_tokens(model, data, out / "tokens.pt").cpu()  # (n, N)
+    tokens = cached_tokens(model, data, out / "tokens.pt")  # (n, N), on the CPU
     ids = model.text_encoder.tokenize(captions)  # (n, L)
     empty_ids = model.text_encoder.tokenize([""])  # (1, L)
 
@@ -288,7 +288,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
             t_half = time.time()
         if cfg.time_budget_s is not None and step == start + PROBE_STEPS:
             # the first steps carry start-up costs; the pace is measured over the last half of the probe
-            planned = budgeted_steps(cfg, step, time.time() - t_start, (time.time() - t_half) / (PROBE_STEPS // 2))
+            now = time.time()
+            planned = budgeted_steps(cfg, step, now - t_start, (now - t_half) / (PROBE_STEPS // 2))
             cfg = replace(cfg, steps=planned)  # lr_factor reads cfg.steps: the cosine now ends at `planned`
             bar.total = planned
             log.write({"step": step, "planned_steps": planned, "time_budget_s": cfg.time_budget_s,
