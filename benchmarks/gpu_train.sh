@@ -14,7 +14,7 @@
 # Then `vqdiff eval` of the new models, and their weights (fp16, without the VQVAE) to $OUT, one
 # NAME.tgz each. The device returns at most 8 files: keep RUNS to four names at most.
 # Session 12 ran RUNS="joint clipfrozen clipinit" T1_BATCH=64 T1_TEXT= BASE_BUDGET=190 FT_BUDGET=100;
-# session 13 RUNS="more more_s1 more_lo" with the defaults.
+# session 13 RUNS="more more_s1 more_lo" with the defaults. RUNS= (empty) runs Table 1 alone.
 #
 # Carried in $CARRY (default .carry, ignored by git): vq3/ (the VQVAE folder the runs start from) and
 # clip1/ (text_encoder/ and tokenizer/ of `vqdiff train clip`). Needs python3 with torch (CUDA),
@@ -33,12 +33,13 @@ N=${N:-120000}            # images of the place-rich dataset, written in $SHARDS
 SHARDS=${SHARDS:-8}
 BATCH=${BATCH:-256}
 BUDGET=${BUDGET:-400}     # seconds for each of the three new transformers (loading and tokenizing included)
-RUNS=${RUNS:-more}
+RUNS=${RUNS-more}        # may be empty: Table 1 alone
 TABLE1=${TABLE1:-1}
 T1_BATCH=${T1_BATCH:-256}
 T1_TEXT=${T1_TEXT-$CARRY/clip1}  # empty: a jointly trained text encoder
 BASE_BUDGET=${BASE_BUDGET:-270}
 FT_BUDGET=${FT_BUDGET:-110}
+FT_STEPS=${FT_STEPS:-100000}  # equal fine-tune lengths: set it below what FT_BUDGET fits (~800 steps in 110 s)
 EVAL_N=${EVAL_N:-100}
 TOTAL=${TOTAL:-575}       # the whole script's deadline in seconds; evaluations are cut to fit it
 DEVICE=${DEVICE:-cuda}
@@ -117,7 +118,7 @@ eval_model() {  # name, model, seconds, extra eval flags
     --null-mode none --time-budget-s "$BASE_BUDGET" --ckpt-every 1000 --log-every 100 --quiet >"$T1.base.out" 2>&1
   stamp "table1: base done"
   for mode in empty learnable; do
-    $VQ train null-cond --data "$DATA" --model "$T1/base/model" --out "$T1/$mode" --device "$DEVICE" --steps 100000 \
+    $VQ train null-cond --data "$DATA" --model "$T1/base/model" --out "$T1/$mode" --device "$DEVICE" --steps "$FT_STEPS" \
       --precision bf16 --null-mode $mode --time-budget-s "$FT_BUDGET" --ckpt-every 500 --log-every 100 --quiet >"$T1.$mode.out" 2>&1 &
   done
   wait
