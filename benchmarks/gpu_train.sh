@@ -29,8 +29,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_train}
 CARRY=${CARRY:-.carry}
 WORK=${WORK:-/tmp/gpu_train}
-N=${N:-120000}            # images of the place-rich dataset, written in $SHARDS processes
-SHARDS=${SHARDS:-8}
+N=${N:-120000}            # images of the place-rich dataset, drawn by $WORKERS processes
+WORKERS=${WORKERS:-12}
 BATCH=${BATCH:-256}
 BUDGET=${BUDGET:-400}     # seconds for each of the three new transformers (loading and tokenizing included)
 RUNS=${RUNS-more}        # may be empty: Table 1 alone
@@ -59,33 +59,11 @@ for f in "$CARRY/vq3/config.json" "$CARRY/clip1/text_encoder/config.json" "$CARR
 done
 
 rm -rf "$WORK" && mkdir -p "$WORK"
-stamp "the trainer's CUDA test, and the dataset ($N images, $SHARDS shards)"
+stamp "the trainer's CUDA test, and the dataset ($N images, $WORKERS workers)"
 ( $PY -m pytest -q -p no:cacheprovider tests/test_train_transformer.py -k cuda >"$WORK/cuda_test.out" 2>&1; echo "exit $?" >>"$WORK/cuda_test.out" ) &
 DATA=$WORK/placed
-per=$(((N + SHARDS - 1) / SHARDS))
-for ((k = 0; k < SHARDS; k++)); do
-  start=$((k * per)); n=$((N - start < per ? N - start : per))
-  $VQ data shapes "$DATA.$k" --start $start --n $n --place-rate 1.0 --place-rate-many 0.6 --quiet >/dev/null &
-done
-wait
-# one folder, numbered as a single `vqdiff data shapes --n $N` would number it
-$PY - "$DATA" "$SHARDS" <<'EOF' || exit 1
-import json, os, sys
-from pathlib import Path
-dst, shards = Path(sys.argv[1]), int(sys.argv[2])
-(dst / "images").mkdir(parents=True)
-n = 0
-with open(dst / "captions.jsonl", "w") as f:
-    for k in range(shards):
-        src = Path(f"{dst}.{k}")
-        for line in (src / "captions.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            name = f"images/{n:06d}.png"
-            os.rename(src / r["image"], dst / name)
-            f.write(json.dumps({"image": name, "caption": r["caption"]}) + "\n")
-            n += 1
-print(f"{dst}: {n} images")
-EOF
+$VQ data shapes "$DATA" --n "$N" --workers "$WORKERS" --place-rate 1.0 --place-rate-many 0.6 --quiet || exit 1
+wait  # the CUDA test
 cat "$WORK/cuda_test.out"
 stamp "dataset written; training"
 

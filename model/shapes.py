@@ -298,6 +298,27 @@ def generate(index: int, seed: int = 0, split: Split = "train", image_size: int 
     return render(scene), text, stated, scene
 
 
+def _pair(args: tuple[int, int, str, CaptionRates]) -> tuple[np.ndarray, str]:
+    image, text, _, _ = generate(args[0], seed=args[1], split=args[2], rates=args[3])
+    return image, text
+
+
+def pairs(indices: Sequence[int], seed: int = 0, split: Split = "train", rates: CaptionRates = CaptionRates(),
+          workers: int = 1, chunk: int = 256):
+    """Yield (image, caption) of ``generate(i, ...)`` for i in ``indices``, in order. ``workers`` > 1
+    generates in that many processes (the images are the same: each is a pure function of i)."""
+    if workers < 1:
+        raise ValueError(f"workers: {workers} is not allowed; expected an integer >= 1")
+    jobs = ((i, seed, split, rates) for i in indices)
+    if workers == 1:
+        yield from map(_pair, jobs)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:  # spawn: the caller may hold torch's threads
+        yield from pool.imap(_pair, jobs, chunksize=chunk)
+
+
 def prompt_set(kind: Literal["one", "two", "three"], split: Split = "train", n: int = 100,
                seed: int = 0, image_size: int = IMAGE_SIZE) -> list[tuple[str, Stated]]:
     """``n`` evaluation prompts with 1, 2 or 3 objects, independent of ``generate``'s stream."""

@@ -115,6 +115,24 @@ def test_cli_data_shapes_writes_generate_in_order(tmp_path):
     assert r.returncode == 2 and "--place-rate" in r.stderr and not (tmp_path / "bad").exists()
 
 
+def test_cli_data_shapes_workers_write_the_same_folder(tmp_path):
+    def shapes(out, *extra):
+        return subprocess.run([sys.executable, "-m", "vqdiff.cli", "data", "shapes", str(tmp_path / out), "--n", "40",
+                               "--start", "3", "--place-rate", "1", "--quiet", *extra],
+                              capture_output=True, text=True, timeout=120)
+
+    assert shapes("one").returncode == 0
+    r = shapes("two", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (two / "captions.jsonl").read_text() == (one / "captions.jsonl").read_text()
+    names = sorted(p.name for p in (one / "images").iterdir())
+    assert len(names) == 40 and names == sorted(p.name for p in (two / "images").iterdir())
+    assert all((one / "images" / n).read_bytes() == (two / "images" / n).read_bytes() for n in names)
+    r = shapes("bad", "--workers", "0")
+    assert r.returncode == 2 and "--workers" in r.stderr and not (tmp_path / "bad").exists()
+
+
 def test_cli_train_vqvae(data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "vqvae", "--data", str(data), "--out",
                         str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--quiet"],

@@ -185,7 +185,7 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from model.data import write_folder
-    from model.shapes import CaptionRates, generate
+    from model.shapes import CaptionRates, pairs
 
     if args.n < 1:
         raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
@@ -194,10 +194,12 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
     for flag, v in (("--place-rate", args.place_rate), ("--place-rate-many", args.place_rate_many)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{flag}: {v} is not allowed; expected a rate in [0, 1]")
+    if args.workers < 1:
+        raise ValueError(f"--workers: {args.workers} is not allowed; expected an integer >= 1")
     rates = CaptionRates(place=args.place_rate, place_many=args.place_rate_many)
-    indices = tqdm(range(args.start, args.start + args.n), desc="images", unit="img", disable=args.quiet)
-    items = (generate(i, seed=args.seed, split=args.split, rates=rates) for i in indices)
-    write_folder(args.out, ((image, caption) for image, caption, _, _ in items), append=args.append)
+    items = pairs(range(args.start, args.start + args.n), seed=args.seed, split=args.split, rates=rates,
+                  workers=args.workers)
+    write_folder(args.out, tqdm(items, total=args.n, desc="images", unit="img", disable=args.quiet), append=args.append)
     print(f"{args.out}: {'appended ' if args.append else ''}{args.n} images, split {args.split}, seed {args.seed}, "
           f"generate(i) for i in [{args.start}, {args.start + args.n}), {rates}")
 
@@ -315,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: the held-out colour/shape pairs never appear; heldout: the first object is one of them")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--append", action="store_true", help="add to an existing folder (numbering continues)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes that draw the images (the folder is the same for any number)")
     s.add_argument("--place-rate", type=float, default=0.6,
                    help="how often a one-object caption states the object's place, when one holds (the benchmark: 0.6)")
     s.add_argument("--place-rate-many", type=float, default=0.0,
