@@ -307,12 +307,13 @@ def pairs(indices: Sequence[int], seed: int = 0, split: Split = "train", rates: 
           workers: int = 1, chunk: int = 256):
     """Yield (image, caption) of ``generate(i, ...)`` for i in ``indices``, in order. ``workers`` > 1
     generates in that many processes (the images are the same: each is a pure function of i)."""
-    if workers < 1:
+    if workers < 1:  # checked now, not at the first item
         raise ValueError(f"workers: {workers} is not allowed; expected an integer >= 1")
     jobs = ((i, seed, split, rates) for i in indices)
-    if workers == 1:
-        yield from map(_pair, jobs)
-        return
+    return map(_pair, jobs) if workers == 1 else _pooled(jobs, workers, chunk)
+
+
+def _pooled(jobs, workers: int, chunk: int):
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(workers) as pool:  # spawn: the caller may hold torch's threads
