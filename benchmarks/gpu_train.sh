@@ -125,7 +125,7 @@ stamp "new models trained; evaluating"
 for seed in 1 0; do
   s=$(left 25)
   for j in $RUNS; do
-    eval_model "${j}_s$seed" "$WORK/$j/model" "$s" --steps 64 --guidance-scale 2 --truncation-rate 0.85 --seed $seed &
+    eval_model "${j}.seed$seed" "$WORK/$j/model" "$s" --steps 64 --guidance-scale 2 --truncation-rate 0.85 --seed $seed &
   done
   wait
 done
