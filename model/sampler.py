@@ -7,14 +7,14 @@ parameters), then ``denoise_step``. ``sample`` is the offline loop around it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from model.diffusion import Schedule, timestep_for_mask_fraction
-from model.params import POSTERIOR_SAMPLERS, GenerationParams
+from model.params import POSTERIOR_SAMPLERS, SAMPLERS, GenerationParams
 from model.rng import random_seed
 from model.step import POSTERIOR, PURITY, RANDOM, BatchParams, StepOutput, denoise_step
 
@@ -111,10 +111,26 @@ def advance(transformer, schedule: Schedule, states: list[RequestState], text_kv
     return out
 
 
-def default_params(model) -> GenerationParams:
-    """The model folder's defaults (``vqdiff.json``), else the released ones with steps capped at N."""
-    base = GenerationParams(steps=min(100, model.config.transformer.num_tokens))
-    return GenerationParams.from_dict(model.generation_defaults, base)
+def default_params(model, sampler: str | None = None) -> GenerationParams:
+    """The model folder's defaults (``vqdiff.json``), else the released ones with steps capped at N.
+
+    ``sampler``: the defaults for that sampler. Steps are per sampler: ``posterior`` always takes the
+    model's T forwards; any other sampler than the folder's own keeps the folder's forward budget,
+    capped at what it allows (``skip``: T; ``purity`` / ``random``: N)."""
+    c = model.config.transformer
+    base = GenerationParams.from_dict(model.generation_defaults, GenerationParams(steps=min(100, c.num_tokens)))
+    if sampler is None or sampler == base.sampler:
+        return base
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: {sampler!r} is not allowed; expected one of {list(SAMPLERS)}")
+    steps = {"posterior": c.num_timesteps, "skip": min(base.steps, c.num_timesteps)}.get(
+        sampler, min(base.steps, c.num_tokens))
+    return replace(base, sampler=sampler, steps=steps)
+
+
+def request_params(model, given: dict) -> GenerationParams:
+    """A request's parameters: the fields it gave over the defaults of the sampler it names."""
+    return GenerationParams.from_dict(given, default_params(model, given.get("sampler")))
 
 
 @torch.no_grad()

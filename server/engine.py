@@ -86,7 +86,7 @@ class Engine:
         self._out: dict[Request, _Ordered] = {}
         self._decoder = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="vqdiff-decode")
         self._decoding = 0  # decode jobs in flight
-        self._kv_key: tuple = ()
+        self._kv_key: tuple[int, ...] = ()  # Request.seq of the batch whose text k/v is cached
         self._kv = None
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -131,9 +131,11 @@ class Engine:
             self._thread.join()  # it finishes the step in progress, then returns
         with self._cond:
             gone = self.scheduler.abort_all()
+            self._publish_queue()
+            self._cond.notify_all()  # wait_idle callers: nothing is queued or running any more
         for r in gone:
             self._states.pop(r, None)
-            self._fail(r, r.status, "the server shut down before this request finished")
+            self._fail(r, r.status, "the server shut down before this request finished; retry it")
         self._decoder.shutdown(wait=True)
 
     # -- API side ----------------------------------------------------------------------------------
@@ -147,6 +149,8 @@ class Engine:
                 raise ValueError(f"n: {req.n!r} is not allowed; expected an integer in [1, {s.max_images}]")
             if len(req.prompt) > s.max_prompt_chars:
                 raise ValueError(f"prompt: {len(req.prompt)} characters is too long; at most {s.max_prompt_chars}")
+            _check_text("prompt", req.prompt)
+            _check_text("negative_prompt", req.params.negative_prompt)
             if req.preview_every < 0:
                 raise ValueError(f"preview_every: {req.preview_every} is not allowed; expected an integer >= 0")
             req.params = req.params.resolve(num_tokens=self.num_tokens, num_timesteps=self.num_timesteps,
@@ -163,7 +167,7 @@ class Engine:
                 self.metrics.count("rejected")
                 raise
             self._out[req] = _Ordered(req)
-            self.metrics.label(self.metrics.waiting).set(len(self.scheduler.waiting))
+            self._publish_queue()
             self._cond.notify_all()
         return req
 
@@ -183,8 +187,7 @@ class Engine:
                 if self._stop:  # checked every step: shutdown past the grace period
                     return
                 out = self.scheduler.schedule(time.monotonic())
-                self.metrics.label(self.metrics.running).set(len(self.scheduler.running))
-                self.metrics.label(self.metrics.waiting).set(len(self.scheduler.waiting))
+                self._publish_queue()
             for r in out.finished:
                 self._states.pop(r, None)
                 self._fail(r, r.status, "cancelled" if r.status == Status.FINISHED_CANCELLED
@@ -264,7 +267,9 @@ class Engine:
         while groups:
             group = groups.pop(0)
             states = [s for r in group for s in self._states[r]]
-            key = tuple(map(id, states))
+            # Request.seq is never reused (an id() is, once its object is freed: a new batch could
+            # then match the last one's key and run on the previous requests' text)
+            key = tuple(r.seq for r in group)
             try:
                 if key != self._kv_key:  # the batch changed: rebuild its text k/v once
                     self._kv, self._kv_key = batch_text_kv(states), key
@@ -287,11 +292,12 @@ class Engine:
     # -- results -----------------------------------------------------------------------------------
 
     def _decode_job(self, due: list[_Due]) -> None:
-        """Decode pool: one VQVAE call for every grid due this step, then PNGs, then events."""
+        """Decode pool: the grids due this step in fixed-size VQVAE calls, then PNGs, then events."""
         t0 = time.monotonic()
         try:
             try:
-                pngs, error = decode_pngs(self.model, torch.cat([d.tokens for d in due])), None  # (M, N) in
+                grids = torch.cat([d.tokens for d in due])  # (M, N)
+                pngs, error = decode_pngs(self.model, grids, getattr(self.settings, "decode_batch", 1)), None  # XXX
             except Exception as e:
                 log.exception("decode failed")
                 pngs, error = [], e
@@ -342,11 +348,30 @@ class Engine:
         their Failure event now."""
         with self._cond:
             self.scheduler.update({**{r: Status.FINISHED_OK for r in ok}, **{r: s for r, (s, _) in failed.items()}})
+            self._publish_queue()
             self._cond.notify_all()
         for r in list(ok) + list(failed):
             self._states.pop(r, None)
         for r, (status, message) in failed.items():
             self._fail(r, status, message)
+
+
+    def _publish_queue(self) -> None:
+        """The running / waiting gauges, set (under the lock) wherever the scheduler's lists change,
+        so that every scrape reads the truth, an idle server included."""
+        self.metrics.label(self.metrics.running).set(len(self.scheduler.running))
+        self.metrics.label(self.metrics.waiting).set(len(self.scheduler.waiting))
+
+
+def _check_text(name: str, text: str | None) -> None:
+    """Text the tokenizer can take: valid Unicode (a JSON string may carry a lone surrogate)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: character {e.start} ({text[e.start]!r}) is not valid Unicode text "
+                         f"(a lone surrogate); send UTF-8 text") from None
 
 
 def _is_oom(e: BaseException) -> bool:

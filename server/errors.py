@@ -33,6 +33,12 @@ def invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(422, message, "invalid_request_error", param, "invalid_value", grpc.StatusCode.INVALID_ARGUMENT)
 
 
+def bad_body(why: str) -> ApiError:
+    """A body that is not a JSON document at all."""
+    return ApiError(422, f"the request body must be a JSON object sent with 'Content-Type: application/json' ({why})",
+                    "invalid_request_error", None, "invalid_json", grpc.StatusCode.INVALID_ARGUMENT)
+
+
 def from_submit(e: Exception, retry_after_s: int = 1) -> ApiError:
     """What ``Engine.submit`` raised, as an API error."""
     error = _from_submit(e, retry_after_s)

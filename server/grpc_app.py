@@ -4,9 +4,10 @@ standard health service and server reflection, on one port.
 Handlers are thin, like the HTTP ones: check the API key, translate the proto message to a
 ``Request`` (the same defaults and validation as ``POST /v1/generate``), run it through
 ``EventStream``, translate the events back. Every ``ApiError`` leaves as ``context.abort`` with its
-gRPC code. A client that cancels (or whose deadline passes) gets its handler task cancelled; leaving
-the ``async with EventStream`` block then cancels the request, which frees its batch slot at the
-next step and counts as ``outcome="cancelled"``.
+gRPC code; bytes that are not a ``GenerateRequest`` are INVALID_ARGUMENT too (``decode_request``). A
+client that cancels (or whose deadline passes) gets its handler task cancelled; leaving the ``async
+with EventStream`` block then cancels the request, which frees its batch slot at the next step and
+counts as ``outcome="cancelled"``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import hmac
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from model.params import SAMPLERS, SEED_MAX, UNCONDS, GenerationParams
-from model.sampler import default_params
+from model.sampler import request_params
 from server.aio import ApiEventStream
 from server.engine import Engine
 from server.errors import ApiError, from_failure, invalid, unauthenticated
@@ -54,9 +56,9 @@ UNCOND_VALUES = {s: v for v, s in UNCOND_NAMES.items()}
 # -- proto <-> engine types ----------------------------------------------------------------------------
 
 
-def to_params(msg: pb.GenerateRequest, defaults: GenerationParams) -> GenerationParams:
-    """The request's parameters over ``defaults``; unset fields (and UNSPECIFIED enums) keep the
-    default. Raises ``ApiError`` (INVALID_ARGUMENT) naming the field."""
+def to_params(msg: pb.GenerateRequest, model) -> GenerationParams:
+    """The request's parameters over the model's defaults for the sampler it names; unset fields (and
+    UNSPECIFIED enums) keep the default. Raises ``ApiError`` (INVALID_ARGUMENT) naming the field."""
     given = {name: getattr(msg, name) for name in SCALAR_PARAMS if msg.HasField(name)}
     for name, enum, names in (("sampler", pb.Sampler, SAMPLER_NAMES), ("uncond", pb.Uncond, UNCOND_NAMES)):
         value = getattr(msg, name)  # an int; proto3 enums are open, so unknown numbers arrive too
@@ -67,14 +69,14 @@ def to_params(msg: pb.GenerateRequest, defaults: GenerationParams) -> Generation
                           f"{[k for k, v in enum.items() if v != 0]}", name)
         given[name] = names[value]
     try:
-        return GenerationParams.from_dict(given, defaults)
+        return request_params(model, given)
     except ValueError as e:
         raise invalid(str(e)) from None
 
 
-def to_request(msg: pb.GenerateRequest, defaults: GenerationParams, settings: Settings, stream: bool,
+def to_request(msg: pb.GenerateRequest, model, settings: Settings, stream: bool,
                timeout_s: float | None) -> Request:
-    params = to_params(msg, defaults)
+    params = to_params(msg, model)
     preview = 0  # previews only travel on streams
     if stream:
         preview = msg.preview_every if msg.HasField("preview_every") else settings.preview_every or max(1, params.steps // 8)
@@ -102,15 +104,34 @@ def progress_pb(p: Progress, seeds: list[int]) -> pb.Progress:
                        previews=[pb.Image(png=png, seed=s) for png, s in zip(p.previews, seeds)])
 
 
+class Malformed:
+    """What ``decode_request`` gives for bytes that are not a ``GenerateRequest``: the handler turns
+    it into INVALID_ARGUMENT (a raising deserializer would make grpc answer UNKNOWN, naming the
+    exception class)."""
+
+    def __init__(self, reason: str):
+        self.message = f"the request is not a valid {pb.GenerateRequest.DESCRIPTOR.full_name}: {reason}"
+
+
+def decode_request(data: bytes) -> pb.GenerateRequest | Malformed:
+    """The request deserializer; never raises. Garbage, a truncated field and a string field that is
+    not UTF-8 (also where a client encoded a lone surrogate) all give ``Malformed``."""
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        # upb: "Error parsing message with type 'vqdiff.v1.GenerateRequest': String field had bad UTF-8"
+        return Malformed(str(e).split("': ", 1)[-1] or "malformed protobuf")
+
+
 # -- the service -----------------------------------------------------------------------------------------
 
 
 class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
     def __init__(self, engine: Engine, settings: Settings):
         self.engine, self.settings = engine, settings
-        self.defaults = default_params(engine.model)
 
-    async def Generate(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(self, msg: pb.GenerateRequest | Malformed,
+                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         try:
             req = self._request(msg, context, stream=False)
             async with ApiEventStream(self.engine, req) as events:
@@ -123,7 +144,7 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
         except ApiError as e:
             await self._abort(context, e)
 
-    async def GenerateStream(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+    async def GenerateStream(self, msg: pb.GenerateRequest | Malformed, context: grpc.aio.ServicerContext) -> None:
         # context.write rather than an async generator: a cancelled call then cancels this coroutine
         # at once (an abandoned generator would only be closed when garbage-collected)
         try:
@@ -142,10 +163,13 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
         except ApiError as e:
             await self._abort(context, e)
 
-    def _request(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool) -> Request:
+    def _request(self, msg: pb.GenerateRequest | Malformed, context: grpc.aio.ServicerContext,
+                 stream: bool) -> Request:
         self._authorize(context)
+        if isinstance(msg, Malformed):
+            raise invalid(msg.message)
         # the client's deadline bounds the engine's (which is also capped by request_timeout_s)
-        return to_request(msg, self.defaults, self.settings, stream, timeout_s=context.time_remaining())
+        return to_request(msg, self.engine.model, self.settings, stream, timeout_s=context.time_remaining())
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self.settings.api_keys:
@@ -160,6 +184,25 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
             self.engine.metrics.count("invalid" if e.grpc_code == grpc.StatusCode.INVALID_ARGUMENT else "unauthenticated")
         # the HTTP headers (Retry-After, WWW-Authenticate) travel as trailing metadata
         await context.abort(e.grpc_code, e.message, tuple((k.lower(), v) for k, v in e.headers.items()))
+
+
+def add_service(servicer: ImageGeneration, server: grpc.aio.Server) -> None:
+    """``generate_pb2_grpc.add_ImageGenerationServicer_to_server`` with ``decode_request`` as the
+    request deserializer."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=decode_request,
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=decode_request,
+            response_serializer=pb.GenerateStreamResponse.SerializeToString),
+    }
+    methods = pb.DESCRIPTOR.services_by_name["ImageGeneration"].methods_by_name
+    if sorted(handlers) != sorted(methods):
+        raise RuntimeError(f"{SERVICE} has methods {sorted(methods)} but grpc_app.add_service registers "
+                           f"{sorted(handlers)}: update add_service")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 class _Health(health.aio.HealthServicer):
@@ -207,7 +250,7 @@ class GrpcServer:
 async def start_grpc(engine: Engine, settings: Settings, info: dict) -> GrpcServer:
     """Serve gRPC on ``settings.host:settings.grpc_port`` (port 0 picks a free one: see ``.port``)."""
     server = grpc.aio.server()
-    generate_pb2_grpc.add_ImageGenerationServicer_to_server(ImageGeneration(engine, settings), server)
+    add_service(ImageGeneration(engine, settings), server)
     health_servicer = _Health(engine)
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -11,12 +11,14 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.sampler import default_params
+from model.sampler import default_params, request_params
 from server.aio import ApiEventStream
+from server.docs import add_docs
 from server.engine import Engine
-from server.errors import ApiError, from_failure, invalid, unauthenticated, unavailable
+from server.errors import ApiError, bad_body, from_failure, invalid, unauthenticated, unavailable
 from server.request import Failure, Progress, Request, Result
 from server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
@@ -26,11 +28,14 @@ from server.settings import Settings
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 POLL_S = 0.1  # how often a waiting plain request checks whether its client is still there
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 422, 429, 500, 503, 504)}
+ROUTING = {404: ("not_found", "not_found"), 405: ("method_not_allowed", "method_not_allowed")}  # (type, code)
 
 
 def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
     app = FastAPI(title="vqdiff", version="0.1.0",
-                  description="Improved VQ-Diffusion text-to-image server (HTTP API; gRPC on its own port)")
+                  description="Improved VQ-Diffusion text-to-image server (HTTP API; gRPC on its own port)",
+                  docs_url=None, redoc_url=None)  # /docs from local assets (server/docs.py); no /redoc
+    add_docs(app)
     defaults = default_params(engine.model)
 
     # -- errors --------------------------------------------------------------------------------------
@@ -44,20 +49,26 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset): not a field
+            engine.metrics.count("invalid")
+            return JSONResponse(bad_body(f"not valid JSON: {first.get('ctx', {}).get('error', 'malformed')} "
+                                         f"at character {first['loc'][-1]}").body(), status_code=422)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request body")
-        if param is None:  # the body itself: not JSON, or JSON that is not an object
-            message = (f"the request body must be a JSON object sent with 'Content-Type: application/json' "
-                       f"({first.get('msg', 'invalid body')})")
         engine.metrics.count("invalid")
-        return JSONResponse(invalid(message, param).body(), status_code=422)
+        if param is None:  # the body itself: missing, not JSON, or JSON that is not an object
+            return JSONResponse(bad_body(first.get("msg", "invalid body")).body(), status_code=422)
+        return JSONResponse(invalid(f"{param}: {first.get('msg', 'invalid')}", param).body(), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request_error")
-        return JSONResponse({"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}},
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        if e.status_code == 400:  # the framework could not parse the body (bad UTF-8, nesting, huge numbers)
+            engine.metrics.count("invalid")
+            return JSONResponse(bad_body("it could not be parsed (invalid UTF-8, nesting too deep, or a number "
+                                         "too long)").body(), status_code=422)
+        kind, code = ROUTING.get(e.status_code, ("invalid_request_error", "http_error"))
+        error = ApiError(e.status_code, str(e.detail), kind, code=code)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     async def authorize(request: HttpRequest) -> None:
         if not settings.api_keys:
@@ -96,7 +107,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
 
     def build(body: GenerateRequest) -> Request:
         try:
-            params = body.params(defaults)
+            params = request_params(engine.model, body.given())
         except ValueError as e:
             raise invalid(str(e)) from None
         if body.preview_every is not None and body.preview_every < 0:
@@ -124,8 +135,11 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
     async def generate(body: GenerateRequest, http: HttpRequest):
         req = build(body)
         if body.stream:
-            return StreamingResponse(sse(req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            # submit before the first byte: a refusal (422 / 429 / 503) is a status, not an event
+            events = await ApiEventStream(engine, req).__aenter__()
+            return StreamingResponse(sse(req, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(events.__aexit__))  # runs after a disconnect too
         result = await run(http, req)
         if result is None:
             return Response(status_code=499)
@@ -134,27 +148,27 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
                             headers={"X-Request-Id": req.id, "X-Seed": str(result.seeds[0])})
         return GenerateResponse.of(req.id, result)
 
-    async def sse(req: Request):
-        """Progress events with previews, heartbeats while nothing happens, then one final event."""
+    async def sse(req: Request, events: ApiEventStream):
+        """Progress events with previews, heartbeats while nothing happens, then one final event
+        (``result``, or ``error`` for what failed after the stream began)."""
         try:
-            async with ApiEventStream(engine, req) as events:
-                yield f"event: queued\ndata: {json.dumps({'id': req.id, 'seed': req.params.seed})}\n\n"
-                while True:
-                    event = await events.next(settings.heartbeat_s)
-                    if event is None:
-                        yield ": heartbeat\n\n"
-                    elif isinstance(event, Progress):
-                        data = {"id": req.id, "step": event.step, "total": event.total, "unmasked": event.unmasked,
-                                "previews": [b64(p) for p in event.previews]}
-                        yield f"event: progress\ndata: {json.dumps(data)}\n\n"
-                    elif isinstance(event, Result):
-                        yield f"event: result\ndata: {GenerateResponse.of(req.id, event).model_dump_json()}\n\n"
-                        return
-                    else:
-                        yield f"event: error\ndata: {json.dumps(from_failure(event.status, event.message).body())}\n\n"
-                        return
-        except ApiError as e:  # refused at submission: the stream carries the error
-            yield f"event: error\ndata: {json.dumps(e.body())}\n\n"
+            yield f"event: queued\ndata: {json.dumps({'id': req.id, 'seed': req.params.seed})}\n\n"
+            while True:
+                event = await events.next(settings.heartbeat_s)
+                if event is None:
+                    yield ": heartbeat\n\n"
+                elif isinstance(event, Progress):
+                    data = {"id": req.id, "step": event.step, "total": event.total, "unmasked": event.unmasked,
+                            "previews": [b64(p) for p in event.previews]}
+                    yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+                elif isinstance(event, Result):
+                    yield f"event: result\ndata: {GenerateResponse.of(req.id, event).model_dump_json()}\n\n"
+                    return
+                else:
+                    yield f"event: error\ndata: {json.dumps(from_failure(event.status, event.message).body())}\n\n"
+                    return
+        finally:
+            await events.__aexit__(None, None, None)  # before the final event: cancels the request
 
     @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=ERRORS,
               dependencies=[Depends(authorize)])
@@ -167,7 +181,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
                           "response_format")
         if body.model not in (None, model_info["id"]):
             raise invalid(f"model: {body.model!r} is not served here; this server runs {model_info['id']!r}", "model")
-        req = Request(prompt=body.prompt, params=defaults, n=body.n if body.n is not None else 1)
+        req = Request(prompt=body.prompt, params=default_params(engine.model), n=body.n if body.n is not None else 1)
         result = await run(http, req)
         if result is None:
             return Response(status_code=499)

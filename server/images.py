@@ -18,12 +18,24 @@ def png_bytes(image: Tensor) -> bytes:
 
 
 @torch.no_grad()
-def decode_pngs(model, tokens: Tensor) -> list[bytes]:
-    """(M, N) token ids in [0, K) -> M PNGs."""
-    images = model.decode(tokens)  # (M, 3, H, W)
-    if not torch.isfinite(images).all():
-        raise FloatingPointError("the VQVAE decoded non-finite pixels")
-    return [png_bytes(im) for im in images]
+def decode_pngs(model, tokens: Tensor, batch: int = 1) -> list[bytes]:
+    """(M, N) token ids in [0, K) -> M PNGs, decoded ``batch`` grids per VQVAE call.
+
+    Every call has exactly ``batch`` rows (the last is padded with copies of its final grid): a
+    convolution's kernel, and so its last bits, may depend on the batch size, and an image's bytes
+    must not depend on how many others finished in the same step. With ``batch=1`` (the default)
+    they depend on nothing else at all."""
+    if batch < 1:
+        raise ValueError(f"batch: {batch} is not allowed; expected an integer >= 1")
+    pngs = []
+    for chunk in tokens.split(batch):  # (<= batch, N)
+        pad = batch - len(chunk)
+        full = torch.cat([chunk, chunk[-1:].expand(pad, -1)]) if pad else chunk  # (batch, N)
+        images = model.decode(full)[: len(chunk)]  # (len(chunk), 3, H, W)
+        if not torch.isfinite(images).all():
+            raise FloatingPointError("the VQVAE decoded non-finite pixels")
+        pngs += [png_bytes(im) for im in images]
+    return pngs
 
 
 def preview_tokens(tokens: Tensor, log_p: Tensor, mask_id: int) -> Tensor:

@@ -8,7 +8,6 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from model.params import GenerationParams
 from server.request import Result
 
 Number = StrictFloat | StrictInt
@@ -32,11 +31,12 @@ class GenerateRequest(BaseModel):
     stream: StrictBool = Field(False, description="Server-Sent Events: progress with previews, then the result.")
     preview_every: Optional[StrictInt] = Field(None, description="Steps between streamed previews (stream only).")
 
-    def params(self, defaults: GenerationParams) -> GenerationParams:
+    def given(self) -> dict:
+        """The generation parameters this request set (``model.sampler.request_params`` fills the rest)."""
         given = {k: getattr(self, k) for k in PARAM_FIELDS if getattr(self, k) is not None}
         if self.negative_prompt is not None:
             given["negative_prompt"] = self.negative_prompt
-        return GenerationParams.from_dict(given, defaults)
+        return given
 
 
 class Image(BaseModel):

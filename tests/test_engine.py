@@ -16,8 +16,9 @@ from PIL import Image
 import server.engine as engine_module
 from model.folder import random_model
 from model.params import GenerationParams
-from model.sampler import sample
+from model.sampler import batch_text_kv, sample
 from server.engine import Engine
+from server.images import decode_pngs
 from server.request import Failure, Progress, Request, Result, Status
 from server.scheduler import Draining, QueueFull
 from server.settings import Settings
@@ -74,9 +75,11 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def alone(model, prompt: str, n: int = 1, **kw) -> list[np.ndarray]:
+    """The images of the request run on its own: its tokens, each grid decoded on its own (as the
+    engine decodes with decode_batch=1), so a served image must equal these bit for bit."""
     params = [GenerationParams(**{**kw, "seed": kw["seed"] + i}) for i in range(n)]
-    images = sample(model, [prompt] * n, params).images  # (n, 3, H, W)
-    return [(im.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy() for im in images]
+    tokens = sample(model, [prompt] * n, params).tokens  # (n, N)
+    return [pixels(png) for png in decode_pngs(model, tokens, batch=1)]
 
 
 def counter(engine: Engine, metric, *labels) -> float:
@@ -272,3 +275,52 @@ def test_shutdown_drains_within_the_grace_period_then_fails_the_rest(model):
     # every accepted request got exactly one final event: a result or "unavailable"
     assert all(isinstance(o, Result) or o.status == Status.FINISHED_UNAVAILABLE for o in outcomes)
     assert q1.empty() and q2.empty() and q3.empty()
+
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle above a red circle", "the square left of the circle"]
+
+
+def test_300_sequential_requests_are_each_drawn_from_their_own_prompt(make_engine, model, monkeypatch):
+    """One request at a time, prompts alternating: each batch is new, and its text keys/values must
+    be its own (a cache keyed by the id() of freed objects once ran requests on the previous text)."""
+    checked = []
+    real_advance = engine_module.advance
+
+    def advance(transformer, schedule, states, text_kv=None):
+        # the k/v the engine hands over must be the batch's own, rebuilt from scratch
+        checked.append(text_kv is None or torch.equal(text_kv, batch_text_kv(states)))
+        return real_advance(transformer, schedule, states, text_kv=text_kv)
+
+    monkeypatch.setattr(engine_module, "advance", advance)
+    engine = make_engine()
+    for i in range(300):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        _, q = submit(engine, prompt, steps=2, seed=1000 + i)
+        result = events(q)[-1]
+        assert isinstance(result, Result), (i, result)
+        np.testing.assert_array_equal(pixels(result.images[0]), alone(model, prompt, steps=2, seed=1000 + i)[0],
+                                      err_msg=f"request {i} ({prompt!r})")
+    assert len(checked) == 600 and all(checked)
+
+
+def test_batch_text_kv_is_rebuilt_whenever_membership_changes(make_engine, monkeypatch):
+    """Requests joining and leaving a running batch: every forward's text k/v equals the one
+    rebuilt from the states it steps."""
+    mismatches, calls = [], []
+    real_advance = engine_module.advance
+
+    def advance(transformer, schedule, states, text_kv=None):
+        calls.append(len(states))
+        if text_kv is not None and not torch.equal(text_kv, batch_text_kv(states)):
+            mismatches.append(len(calls))
+        return real_advance(transformer, schedule, states, text_kv=text_kv)
+
+    monkeypatch.setattr(engine_module, "advance", advance)
+    engine = make_engine(max_rows=8)
+    queues = []
+    for i in range(24):
+        queues.append(submit(engine, PROMPTS[i % 4], steps=2 + i % 5, seed=i, n=1 + i % 2)[1])
+        if i % 6 == 5:
+            time.sleep(0.02)
+    assert all(isinstance(events(q)[-1], Result) for q in queues)
+    assert len(set(calls)) > 1 and not mismatches  # membership changed, and the k/v always followed

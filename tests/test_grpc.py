@@ -174,6 +174,45 @@ def test_invalid_argument_names_the_field(tiny_model):
         assert h.engine.scheduler.idle
 
 
+MALFORMED = {
+    "garbage": b"not a protobuf message \xff\xff",
+    "a truncated varint": b"\x28\xff",  # field 5 (steps), varint whose continuation bit promises more
+    "a prompt that is not UTF-8": b"\x0a\x02\xff\xfe",  # field 1 (prompt), length 2
+}
+
+
+def test_malformed_protobuf_is_invalid_argument(tiny_model):
+    assert pb.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"].number == 1
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate cannot leave the Python client as a str
+        pb.GenerateRequest(prompt="\ud800").SerializeToString()
+    with serving(tiny_model) as h:
+        raw = lambda method, call: call(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
+        calls = (raw("Generate", h.channel.unary_unary), raw("GenerateStream", h.channel.unary_stream))
+        before = outcomes(h.engine, "invalid")
+        for what, data in MALFORMED.items():
+            for call in calls:
+                e = rpc_error(call, data, timeout=WAIT_S)
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e)
+                assert e.details().startswith("the request is not a valid vqdiff.v1.GenerateRequest: "), (what, e)
+                assert "<class" not in e.details() and "DecodeError" not in e.details(), (what, e)
+        e = rpc_error(calls[0], MALFORMED["a prompt that is not UTF-8"])
+        assert "UTF-8" in e.details(), e  # says what was wrong
+        assert outcomes(h.engine, "invalid") == before + 2 * len(MALFORMED) + 1
+        valid = pb.GenerateRequest(prompt=PROMPT, seed=1, steps=2).SerializeToString()
+        assert pb.GenerateResponse.FromString(calls[0](valid, timeout=WAIT_S)).seed == 1  # the raw path works
+        assert h.stub.Generate(pb.GenerateRequest(prompt=PROMPT, seed=2, steps=2)).seed == 2
+        assert h.engine.scheduler.idle
+
+
+def test_malformed_protobuf_without_a_key_is_unauthenticated(tiny_model):
+    with serving(tiny_model, api_keys=("k1",)) as h:
+        call = h.channel.unary_unary(f"/{SERVICE}/Generate", request_serializer=None, response_deserializer=None)
+        assert rpc_error(call, MALFORMED["garbage"]).code() == grpc.StatusCode.UNAUTHENTICATED
+        e = rpc_error(call, MALFORMED["garbage"], metadata=(("authorization", "Bearer k1"),))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (outcomes(h.engine, "unauthenticated"), outcomes(h.engine, "invalid")) == (1, 1)
+
+
 def test_queue_full_is_resource_exhausted_and_disturbs_nothing(tiny_model):
     # max_waiting=1: the scheduler refuses whenever `max_waiting` requests already wait, so 0 would
     # refuse every request; one running + one waiting fills this server

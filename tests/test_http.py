@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from model.folder import random_model
-from model.params import GenerationParams
-from model.sampler import sample
+from model.sampler import request_params, sample
+from server.images import decode_pngs
 from tests.serving import ServerThread
 
 
@@ -43,8 +43,9 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def alone(model, prompt: str, **kw) -> np.ndarray:
-    image = sample(model, [prompt], GenerationParams.from_dict(kw, GenerationParams(**model.generation_defaults))).images[0]
-    return (image.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    """The request run on its own, its grid decoded on its own: what the server must send, bit for bit."""
+    tokens = sample(model, [prompt], request_params(model, kw)).tokens  # (1, N)
+    return pixels(decode_pngs(model, tokens, batch=1)[0])
 
 
 def metric(url: str, name: str, **labels) -> float:
@@ -300,3 +301,116 @@ def test_deadline_is_504_and_queued_streams_get_heartbeats(model, slow_steps):
     assert running.json()["error"]["code"] == "deadline_exceeded"
     assert lines.count(": heartbeat") >= 2  # it waited behind the running request
     assert "event: error" in lines or "event: result" in lines
+
+
+def test_300_sequential_requests_each_equal_the_same_request_alone(server, model):
+    prompts = ["a red circle", "a blue square", "the triangle above a green circle", "left of the square"]
+    with httpx.Client(timeout=60) as c:
+        for i in range(300):
+            prompt = prompts[i % 4]
+            r = c.post(f"{server.url}/v1/generate", json={"prompt": prompt, "seed": 500 + i, "steps": 2})
+            assert r.status_code == 200, r.text
+            np.testing.assert_array_equal(pixels(base64.b64decode(r.json()["images"][0]["b64_json"])),
+                                          alone(model, prompt, seed=500 + i, steps=2), err_msg=f"request {i}")
+
+
+def sse_or_json(r: httpx.Response) -> dict:
+    assert r.headers["content-type"].startswith("application/json"), (r.status_code, r.headers, r.text[:300])
+    return r.json()["error"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 100}, "n"),
+    ({"steps": 1025}, "steps"),
+    ({"prompt": "x" * 2001}, "prompt"),
+    ({"sampler": "posterior", "steps": 10}, "steps"),
+])
+def test_streamed_requests_refused_before_the_first_byte_get_their_status(server, body, param):
+    before = metric(server.url, "vqdiff_requests_total", outcome="invalid")
+    r = httpx.post(f"{server.url}/v1/generate", json={"prompt": "a red circle", "stream": True, **body}, timeout=30)
+    assert r.status_code == 422
+    err = sse_or_json(r)
+    assert err["param"] == param and err["code"] == "invalid_value", err
+    assert metric(server.url, "vqdiff_requests_total", outcome="invalid") == before + 1
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/generate", '{"prompt": "\\ud800 a red circle"}', "prompt"),
+    ("/v1/generate", '{"prompt": "a red circle", "negative_prompt": "blue \\udfff"}', "negative_prompt"),
+    ("/v1/generate", '{"prompt": "\\ud800", "stream": true}', "prompt"),
+    ("/v1/images/generations", '{"prompt": "a \\ud800"}', "prompt"),
+])
+def test_text_that_is_not_unicode_is_a_422_naming_the_field(server, path, body, param):
+    before = {o: metric(server.url, "vqdiff_requests_total", outcome=o) for o in ("invalid", "failed")}
+    r = httpx.post(f"{server.url}{path}", content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = sse_or_json(r)
+    assert err["param"] == param and "surrogate" in err["message"], err
+    assert metric(server.url, "vqdiff_requests_total", outcome="invalid") == before["invalid"] + 1
+    assert metric(server.url, "vqdiff_requests_total", outcome="failed") == before["failed"]
+
+
+@pytest.mark.parametrize("content", [
+    b'{"prompt": "a red',  # truncated
+    b"[" * 1000 + b"]" * 1000,  # nesting deeper than the parser takes
+    b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}",  # an integer past Python's digit limit
+    b'{"prompt": "\xff\xfe a"}',  # not UTF-8
+    b"",
+])
+def test_a_body_that_is_not_json_is_a_422_envelope_with_a_code(server, content):
+    before = metric(server.url, "vqdiff_requests_total", outcome="invalid")
+    r = httpx.post(f"{server.url}/v1/generate", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_json" and err["param"] is None and err["type"] == "invalid_request_error", err
+    assert metric(server.url, "vqdiff_requests_total", outcome="invalid") == before + 1
+
+
+def test_routing_errors_have_codes(server):
+    r = httpx.get(f"{server.url}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server.url}/v1/generate")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_named_sampler_without_steps_gets_that_samplers_default(server, model):
+    T = model.config.transformer.num_timesteps
+    for sampler, steps in (("posterior", T), ("skip", 6), ("random", 6)):  # the folder's default steps: 6
+        r = httpx.post(f"{server.url}/v1/generate", json={"prompt": "a red circle", "seed": 1, "sampler": sampler},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["params"]["sampler"] == sampler and r.json()["params"]["steps"] == steps
+
+
+def test_gauges_read_zero_on_an_idle_server_after_traffic(server):
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(c.post(f"{server.url}/v1/generate", json={
+                "prompt": "a red circle", "seed": i, "steps": 3 + i % 4, "n": 1 + i % 3}) for i in range(12)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(go()))
+    assert server.engine.wait_idle(10)
+    assert metric(server.url, "vqdiff_requests_running") == 0
+    assert metric(server.url, "vqdiff_requests_waiting") == 0
+
+
+def test_streamed_refusals_queue_full_draining_and_unauthenticated(model, slow_steps):
+    with ServerThread(model, max_rows=2, max_images=1, max_waiting=0, api_keys=("k",)) as s:
+        key = {"Authorization": "Bearer k"}
+        r = httpx.post(f"{s.url}/v1/generate", json={"prompt": "a", "stream": True})
+        assert r.status_code == 401 and sse_or_json(r)["code"] == "invalid_api_key"
+
+        async def go():
+            async with httpx.AsyncClient(timeout=60, headers=key) as c:
+                first = await start_long_request(c, s.url, seed=1)
+                full = await c.post(f"{s.url}/v1/generate", json={"prompt": "a blue square", "stream": True})
+                s.engine.drain()
+                draining = await c.post(f"{s.url}/v1/generate", json={"prompt": "a blue square", "stream": True})
+                return await first, full, draining
+
+        first, full, draining = asyncio.run(go())
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert sse_or_json(full)["code"] == "queue_full"
+        assert draining.status_code == 503 and int(draining.headers["retry-after"]) >= 1
+        assert sse_or_json(draining)["code"] == "unavailable"
+        assert first.status_code == 200
