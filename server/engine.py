@@ -297,7 +297,7 @@ class Engine:
         try:
             try:
                 grids = torch.cat([d.tokens for d in due])  # (M, N)
-                pngs, error = decode_pngs(self.model, grids, getattr(self.settings, "decode_batch", 1)), None  # XXX
+                pngs, error = decode_pngs(self.model, grids, self.settings.decode_batch), None
             except Exception as e:
                 log.exception("decode failed")
                 pngs, error = [], e

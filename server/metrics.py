@@ -19,6 +19,15 @@ ROW_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 OUTCOMES = ("success", "cancelled", "deadline", "failed", "unavailable", "rejected", "invalid", "unauthenticated")
 
 
+def resident_bytes() -> int:
+    """The process's resident set now (Linux: /proc/self/statm); elsewhere its peak, the best known."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 class Metrics:
     def __init__(self, model_name: str, device, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -41,7 +50,7 @@ class Metrics:
         self.forwards = Counter("vqdiff_forward_passes", "Transformer forward passes", m, registry=r)
         self.retries = Counter("vqdiff_batch_retries", "Steps re-run as smaller batches after an error", m, registry=r)
         self.memory = Gauge("vqdiff_device_memory_bytes", "Memory in use on the model's device (CUDA: allocated by "
-                            "torch; CPU: the process's peak resident set)", m + ("device",), registry=r)
+                            "torch; CPU: the process's resident set now)", m + ("device",), registry=r)
         self.model_name = model_name
         for outcome in OUTCOMES:  # every series exists from the start (rate() over a missing series is empty)
             self.requests.labels(model_name, outcome)
@@ -59,7 +68,7 @@ class Metrics:
         if dev.startswith("cuda") and torch.cuda.is_available():
             used = torch.cuda.memory_allocated(self.device)
         else:
-            used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+            used = resident_bytes()
         self.memory.labels(self.model_name, dev).set(used)
 
     def exposition(self) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -392,6 +393,10 @@ def test_gauges_read_zero_on_an_idle_server_after_traffic(server):
     assert server.engine.wait_idle(10)
     assert metric(server.url, "vqdiff_requests_running") == 0
     assert metric(server.url, "vqdiff_requests_waiting") == 0
+    # the memory gauge is the resident set now (the server runs in this process), not a peak
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert abs(metric(server.url, "vqdiff_device_memory_bytes") - rss) < 0.1 * rss
 
 
 def test_streamed_refusals_queue_full_draining_and_unauthenticated(model, slow_steps):
