@@ -4,8 +4,11 @@ Starts ``vqdiff serve`` (the embedded default model unless --model) as a subproc
 same prompts twice: one request at a time, and from N closed-loop clients. Every request streams
 (SSE, the server's default preview interval), so time to first preview is measured at the client.
 Prints images/s, p50/p95 latency and time to first preview for both, and the throughput ratio.
+Flags after ``--`` go to ``vqdiff serve``; ``--load N`` runs N busy-loop processes beside the server
+for the whole run, so that "a busy machine" is reproducible.
 
     .venv/bin/python benchmarks/bench_server.py --clients 16 --requests 64
+    .venv/bin/python benchmarks/bench_server.py --load 1 -- --intra-op-threads 2 --omp-wait-policy active
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.shapes import prompt_set  # noqa: E402
+
+
+def busy_loops(n: int) -> list[subprocess.Popen]:
+    """n processes that each keep one core busy in pure Python (no OpenMP of their own)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 def free_port() -> int:
@@ -86,14 +95,18 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=64)
     ap.add_argument("--steps", type=int, help="override the model's default steps")
     ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16 | auto)")
+    ap.add_argument("--load", type=int, default=0, help="busy-loop processes beside the server (default 0)")
+    ap.add_argument("serve", nargs="*", help="flags for vqdiff serve, after --")
     args = ap.parse_args()
 
     port = free_port()
-    cmd = [sys.executable, "-m", "vqdiff.cli", "serve", "--port", str(port), "--grpc-port", "0",
-           "--max-rows", str(args.max_rows), "--host", "127.0.0.1", "--dtype", args.dtype]
+    cmd = [sys.executable, "-m", "vqdiff.cli", "serve", "--http-port", str(port), "--grpc-port", "0",
+           "--max-rows", str(args.max_rows), "--host", "127.0.0.1", "--dtype", args.dtype, *args.serve]
     if args.model:
         cmd += ["--model", str(args.model)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    load = busy_loops(args.load)
+    log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server's logging
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -103,7 +116,8 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None:
-                raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+                log.seek(0)
+                raise SystemExit(f"the server exited: {log.read().decode()[-2000:]}")
             time.sleep(0.1)
         info = httpx.get(f"{url}/v1/models").json()["data"][0]
         prompts = [p for p, _ in prompt_set("two", n=args.requests)]
@@ -115,11 +129,18 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        for p in load:
+            p.kill()
+            p.wait()
+    log.seek(0)
+    threads = next((line for line in log.read().decode().splitlines() if "threads:" in line), "")
 
     params = info["default_params"]
     print(f"model {info['id']} ({info['parameters']:,} parameters, {info['image_size']}px), "
           f"steps {args.steps or params['steps']}, sampler {params['sampler']}, max_rows {args.max_rows}, "
           f"{info['dtype']} on {info['device']}")
+    print(f"server flags: {' '.join(args.serve) or '(defaults)'}; {args.load} busy-loop processes beside it; "
+          f"{threads.split('threads: ')[-1] if threads else 'no thread log line'}")
     print("| mode | requests | images/s | p50 latency s | p95 latency s | p50 first preview s | p95 first preview s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in (("one at a time", seq), (f"{args.clients} concurrent clients", conc)):

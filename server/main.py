@@ -2,8 +2,13 @@
 asyncio loop in one process.
 
 SIGTERM / SIGINT start a graceful drain: readiness turns 503 (gRPC health NOT_SERVING), new
-requests are refused, queued and running requests finish within ``grace_s``; then both servers
-stop and the process exits 0. A second signal stops at once.
+requests are refused, queued and running requests finish within ``grace_s``. When the grace period
+ends, every request still unfinished is answered 503 with the error envelope and Retry-After (a final
+``error`` event on a stream, UNAVAILABLE on gRPC); the handlers get ``ANSWER_S`` to send those
+answers, then both servers stop and the process exits 0. A second signal ends the grace period at once.
+
+So the process exits within ``grace_s`` + the engine step in progress + ``ANSWER_S`` (+ the decodes
+already running): about ``grace_s`` + 3 s for the embedded model on a CPU (tests/test_drain.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from server.settings import Settings
 
 log = logging.getLogger("vqdiff.server")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ANSWER_S = 2.0  # after the grace period: how long handlers have to send the answers they hold
 
 
 def model_info(model, folder: Path) -> dict:
@@ -83,7 +89,7 @@ class Server:
         settings, engine, info = self.settings, self.engine.start(), self.info
         app = create_app(engine, settings, info)
         http = _Uvicorn(uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="info",
-                                       timeout_graceful_shutdown=max(1, int(settings.grace_s)), lifespan="off"))
+                                       timeout_graceful_shutdown=ANSWER_S, lifespan="off"))
         grpc_server = None
         if settings.grpc_port:
             from server.grpc_app import start_grpc
@@ -91,6 +97,7 @@ class Server:
             grpc_server = await start_grpc(engine, settings, info)
 
         stop = stop or asyncio.Event()
+        hurry = asyncio.Event()  # a second signal: end the grace period now
         loop = asyncio.get_running_loop()
         signals = 0
 
@@ -98,8 +105,8 @@ class Server:
             nonlocal signals
             signals += 1
             if signals > 1:
-                log.warning("second signal: stopping now")
-                http.force_exit = True
+                log.warning("second signal: ending the grace period now")
+                hurry.set()
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,13 +133,21 @@ class Server:
         engine.drain()
         if grpc_server is not None:
             grpc_server.set_not_serving()
-        await asyncio.to_thread(engine.wait_idle, settings.grace_s)
-        # every accepted request has its final event now (or is past the grace period)
+        idle = asyncio.ensure_future(asyncio.to_thread(engine.wait_idle, settings.grace_s))
+        hurried = asyncio.ensure_future(hurry.wait())
+        await asyncio.wait([idle, hurried], return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        left = len(engine.scheduler.running) + len(engine.scheduler.waiting)
+        if left:
+            log.warning("grace period over: answering %d unfinished requests 503", left)
+        # fails what is left as unavailable (its handlers answer 503 / UNAVAILABLE), waits for the
+        # step in progress and the decodes in flight; the wait_idle thread returns with it
+        await asyncio.to_thread(engine.shutdown, 0.0)
+        await idle
         if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
+            await grpc_server.stop(grace=ANSWER_S)
         http.should_exit = True
         await http_task
-        await asyncio.to_thread(engine.shutdown, 0.0)
         log.info("stopped")
 
 
@@ -142,5 +157,8 @@ async def serve_async(settings: Settings, model=None, folder: Path | None = None
 
 
 def serve(settings: Settings) -> None:
+    from server import threads
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads.apply(settings)  # before the engine's threads run a torch op: each keeps the count it first saw
     asyncio.run(Server(settings).run())

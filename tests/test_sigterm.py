@@ -30,7 +30,7 @@ def test_sigterm_drains_and_exits_zero(tokenizer, tiny_config, tmp_path):
     http_port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vqdiff.cli", "serve", "--model", str(folder), "--host", "127.0.0.1",
-         "--port", str(http_port), "--grpc-port", str(grpc_port), "--max-rows", "8", "--grace", "60", "--dtype", "fp32"],
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-rows", "8", "--grace-s", "60", "--dtype", "fp32"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{http_port}"
     try:

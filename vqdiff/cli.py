@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from server.settings import add_flags  # the standard library only: `vqdiff --help` stays instant
+
 
 def cmd_info(args: argparse.Namespace) -> None:
     from model.folder import load_model, read_config
@@ -67,11 +69,10 @@ def _load(args: argparse.Namespace):
 
 def _params_from_args(args: argparse.Namespace, model):
     """The model folder's defaults, overridden by the flags given."""
-    from model.params import GenerationParams
-    from model.sampler import default_params
+    from model.sampler import request_params
 
     given = {k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None}
-    return GenerationParams.from_dict(given, default_params(model))
+    return request_params(model, given)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -170,14 +171,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from server.main import serve
-    from server.settings import Settings
+    from server.settings import from_args
+    from server.threads import set_wait_policy
 
-    settings = Settings.from_env(
-        model=args.model, host=args.host, http_port=args.port, grpc_port=args.grpc_port, device=args.device,
-        dtype=args.dtype, max_rows=args.max_rows, max_waiting=args.max_waiting,
-        request_timeout_s=args.request_timeout, grace_s=args.grace,
-        api_keys=args.api_keys.split(",") if args.api_keys else None)
+    settings = from_args(args)  # bad settings fail here, before torch or the model loads
+    set_wait_policy(settings.omp_wait_policy)  # libgomp reads it once, when torch loads it: first
+    from server.main import serve
+
     serve(settings)
 
 
@@ -294,18 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("serve", help="run the inference server: HTTP (default port 8000) and gRPC (50051)",
-                       description="Every flag also reads from VQDIFF_<NAME> (e.g. VQDIFF_MAX_ROWS); flags win.")
-    s.add_argument("--model", type=Path, help="model folder; default: $VQDIFF_MODEL, else the embedded model")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    s.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 disables gRPC)")
-    s.add_argument("--device", help="cpu | cuda | cuda:N")
-    s.add_argument("--dtype", help="transformer compute dtype: fp32 (default: seeds reproduce whatever the batch) | bf16 (faster; batch composition can change tokens) | fp16 | auto (bf16 where the hardware is fast at it)")
-    s.add_argument("--max-rows", type=int, help="rows per forward, 2 per image (default 64)")
-    s.add_argument("--max-waiting", type=int, help="queued requests beyond the batch before 429 (default 256)")
-    s.add_argument("--request-timeout", type=float, help="per-request deadline in seconds (default 300)")
-    s.add_argument("--grace", type=float, help="seconds running requests get on SIGTERM (default 30)")
-    s.add_argument("--api-keys", help="comma-separated keys; none: no authentication")
+                       description="Every setting is a flag --x-y and a variable VQDIFF_X_Y (server/settings.py); "
+                                   "flags win over variables, variables over defaults.",
+                       allow_abbrev=False)  # one name per setting: --max-row is not --max-rows
+    add_flags(s)
     s.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="write datasets as image-caption folders").add_subparsers(dest="what", required=True)
