@@ -244,7 +244,16 @@ def read_weights(component: Path, stems: dict[str, str], variant: str | None = N
             continue
         state: dict[str, Tensor] = {}
         for f in files:
-            state.update(load_file(f) if ext == "safetensors" else _torch_load(f))
+            # Each tensor is copied out of the file's memory map into an allocation of its own.
+            # A view of the map starts wherever the file put it (safetensors packs tensors end to
+            # end, so a float32 one may start at any multiple of 4 bytes), and CPU kernels, matmul
+            # among them, take other code paths for operands at other alignments: the same stored
+            # weights gave outputs differing in the last bits between a .safetensors file, a .bin
+            # file, shards and a model built in memory. A copy is aligned as every torch
+            # allocation is, so a loaded model's outputs depend only on its weights.
+            loaded = load_file(f) if ext == "safetensors" else _torch_load(f)
+            state.update({k: v.clone() for k, v in loaded.items()})
+            del loaded
         return state, str(files[0]) if len(files) == 1 else f"{component}/{stems[ext]}.*{ext} ({len(files)} shards)"
     tried = ", ".join(f"{stems[e]}{'.' + variant if variant else ''}.{e}" for e in ("safetensors", "bin"))
     raise ModelFolderError(f"{component}: no weights found (looked for {tried}, and their .index.json)")

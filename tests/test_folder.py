@@ -138,6 +138,13 @@ def test_bin_weights_load_through_weights_only(diffusers_folder, tmp_path, ours,
     torch.save(load_file(st), folder / "transformer" / "diffusion_pytorch_model.bin")
     st.unlink()
     loaded = load_model(folder)
+    # the same stored tensors, bit for bit, whichever file format held them
+    want = ours.transformer.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.transformer.state_dict().items())
+    # and the same outputs bit for bit: the loader copies every tensor into an allocation of its own
+    # (torch's CPU allocator aligns each to 64 bytes), so the kernels see the same weights at the
+    # same alignment, with the same inputs and shapes in one process
+    assert all(v.data_ptr() % 64 == 0 for m in (loaded, ours) for v in m.transformer.state_dict().values())
     x_t = _tokens(tiny_config.transformer, 1)
     t, text = torch.tensor([5]), ours.encode_text(["a"])
     with torch.no_grad():
@@ -287,21 +294,23 @@ def test_a_shorter_text_length_round_trips(tokenizer, tiny_config, tmp_path):
     assert again.null_cond.embeddings.shape == (16, 32)
 
 
-def test_cli_convert(diffusers_folder, tmp_path):
-    import subprocess
-    import sys
+def test_cli_convert(diffusers_folder, tmp_path, capsys):
+    # vqdiff.cli's main in this process: a subprocess would spend seconds importing torch for each
+    # call (tests/test_sampler.py runs the real command line once)
+    from vqdiff.cli import main
 
     out = tmp_path / "half"
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "convert", str(diffusers_folder), str(out), "--dtype", "fp16",
-                        "--defaults", '{"steps": 16}', "--provenance", '{"by": "test"}'],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    code = main(["convert", str(diffusers_folder), str(out), "--dtype", "fp16", "--defaults", '{"steps": 16}',
+                 "--provenance", '{"by": "test"}'])
+    assert code == 0, capsys.readouterr().err
     m = load_model(out)
     assert m.generation_defaults == {"steps": 16}
+    assert {v.dtype for v in load_file(out / "transformer" / "diffusion_pytorch_model.safetensors").values()} == {
+        torch.float16}
     assert json.loads((out / "vqdiff.json").read_text())["provenance"] == {"by": "test"}
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "convert", str(diffusers_folder), str(tmp_path / "x"),
-                        "--defaults", '{"steps": 0}'], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "steps: 0" in r.stderr and not (tmp_path / "x").exists()
+    capsys.readouterr()
+    code = main(["convert", str(diffusers_folder), str(tmp_path / "x"), "--defaults", '{"steps": 0}'])
+    assert code == 2 and "steps: 0" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_saved_tokenizer_records_the_text_length(tokenizer, tiny_config, tmp_path):

@@ -35,7 +35,7 @@ from model.folder import random_model
 from model.sampler import default_params, sample
 from server.engine import Engine
 from server.grpc_app import SERVICE, start_grpc
-from server.images import png_bytes
+from server.images import decode_pngs
 from server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from server.settings import Settings
@@ -129,12 +129,13 @@ def test_generate_matches_the_sampler(tiny_model):
     with serving(tiny_model) as h:
         resp = h.stub.Generate(pb.GenerateRequest(prompt=PROMPT, n=2, seed=5, steps=4, guidance_scale=3.0))
     base = replace(default_params(tiny_model), steps=4, guidance_scale=3.0)
-    want = sample(tiny_model, [PROMPT] * 2, [replace(base, seed=5), replace(base, seed=6)]).images  # (2, 3, H, W)
+    tokens = sample(tiny_model, [PROMPT] * 2, [replace(base, seed=5), replace(base, seed=6)]).tokens  # (2, N)
+    want = decode_pngs(tiny_model, tokens, batch=1)  # each grid decoded alone, as the server does
     assert [im.seed for im in resp.images] == [5, 6] and resp.seed == 5 and resp.id.startswith("gen-")
     for image, expected in zip(resp.images, want):
         got = pixels(image.png)
         assert got.shape == (16, 16, 3)
-        assert np.array_equal(got, pixels(png_bytes(expected)))  # pixel-exact
+        assert image.png == expected  # byte-exact
     p = resp.params
     assert (p.steps, p.seed, p.guidance_scale, p.sampler, p.uncond) == (4, 5, 3.0, pb.SAMPLER_PURITY, pb.UNCOND_NULL)
     assert not p.HasField("negative_prompt")

@@ -146,14 +146,26 @@ def test_params_checked_against_the_model(tiny_model):
         GenerationParams.from_dict({"guidance": 3})
 
 
-def test_cli_generates_a_png(tiny_model, tmp_path):
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    """``vqdiff ARGV`` in this process (a subprocess would spend seconds importing torch each time):
+    the exit status and stderr. test_cli_bad_model_folder runs the real ``python -m vqdiff.cli``."""
+    from vqdiff.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_generates_a_png(tiny_model, tmp_path, capsys):
     folder = save_model(tiny_model, tmp_path / "m")
     out = tmp_path / "img.png"
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "a red circle", "--model", str(folder),
-                        "-o", str(out), "--steps", "8", "--seed", "4", "--guidance-scale", "3",
-                        "--sampler", "purity", "--truncation-rate", "0.9", "--purity-weight", "1.5"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    code, err = cli(capsys, "generate", "a red circle", "--model", str(folder), "-o", str(out), "--steps", "8",
+                    "--seed", "4", "--guidance-scale", "3", "--sampler", "purity", "--truncation-rate", "0.9",
+                    "--purity-weight", "1.5")
+    assert code == 0, err
     img = Image.open(out)
     assert img.format == "PNG" and img.size == (16, 16) and img.mode == "RGB"
     want = sample(tiny_model, ["a red circle"], GenerationParams(steps=8, seed=4, guidance_scale=3.0,
@@ -167,33 +179,32 @@ def test_cli_generates_a_png(tiny_model, tmp_path):
     (["--sampler", "nope"], "sampler: 'nope' is not allowed"),
     (["--steps", "1000"], "steps: 1000 is not allowed"),
 ])
-def test_cli_bad_input_is_one_line_and_nonzero(tiny_model, tmp_path, args, match):
+def test_cli_bad_input_is_one_line_and_nonzero(tiny_model, tmp_path, args, match, capsys):
     folder = save_model(tiny_model, tmp_path / "m")
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "x", "--model", str(folder), "--quiet",
-                        "-o", str(tmp_path / "o.png"), *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and match in lines[0], r.stderr
+    code, err = cli(capsys, "generate", "x", "--model", str(folder), "--quiet", "-o", str(tmp_path / "o.png"), *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], err
     assert not (tmp_path / "o.png").exists()
 
 
 def test_cli_bad_model_folder(tmp_path):
+    """The real command line, in its own process: the exit status and nothing on stderr but the
+    one line (no warnings from the imports either)."""
     (tmp_path / "m").mkdir()
     r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "x", "--model", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "model_index.json: file not found" in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "model_index.json: file not found" in lines[0], r.stderr
 
 
-def test_cli_uses_vqdiff_model_when_no_model_is_given(tiny_model, tmp_path):
-    import os
-
+def test_cli_uses_vqdiff_model_when_no_model_is_given(tiny_model, tmp_path, capsys, monkeypatch):
     folder = save_model(tiny_model, tmp_path / "m")
-    env = {**os.environ, "VQDIFF_MODEL": str(folder)}
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "a red circle", "-o", str(tmp_path / "o.png"),
-                        "--steps", "4", "--seed", "1", "--quiet"], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("VQDIFF_MODEL", str(folder))
+    code, err = cli(capsys, "generate", "a red circle", "-o", str(tmp_path / "o.png"), "--steps", "4", "--seed", "1",
+                    "--quiet")
+    assert code == 0, err
     assert Image.open(tmp_path / "o.png").size == (16, 16)
-    env["VQDIFF_MODEL"] = str(tmp_path / "nowhere")
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "generate", "x", "--quiet"], capture_output=True,
-                       text=True, timeout=120, env=env)
-    assert r.returncode == 2 and "$VQDIFF_MODEL is not a model folder" in r.stderr
+    monkeypatch.setenv("VQDIFF_MODEL", str(tmp_path / "nowhere"))
+    code, err = cli(capsys, "generate", "x", "--quiet")
+    assert code == 2 and "$VQDIFF_MODEL is not a model folder" in err

@@ -121,20 +121,21 @@ def test_learnable_null_fine_tune_of_a_base_without_one(run):
     assert out.images.shape == (1, 3, 16, 16)
 
 
-def test_cli_continues_training_from_a_model_folder(run):
-    import subprocess
-    import sys
+def test_cli_continues_training_from_a_model_folder(run, capsys):
+    # vqdiff.cli's main in this process: a subprocess would spend seconds importing torch for each
+    # call (tests/test_sampler.py runs the real command line once)
+    from vqdiff.cli import main
 
     root, data, _ = run
     base = train_transformer(_cfg(run, "c0", steps=2), progress=False)
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "transformer", "--data", str(data), "--init",
-                        str(base), "--out", str(root / "c1"), "--preset", "tiny", "--steps", "2", "--batch-size", "8",
-                        "--quiet"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    code = main(["train", "transformer", "--data", str(data), "--init", str(base), "--out", str(root / "c1"),
+                 "--preset", "tiny", "--steps", "2", "--batch-size", "8", "--quiet"])
+    assert code == 0, capsys.readouterr().err
     assert not torch.equal(_state(base)["transformer.out.weight"], _state(root / "c1" / "model")["transformer.out.weight"])
-    r = subprocess.run([sys.executable, "-m", "vqdiff.cli", "train", "transformer", "--data", str(data), "--out",
-                        str(root / "c2"), "--quiet"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "one of the arguments --vqvae --init is required" in r.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse's own error
+        main(["train", "transformer", "--data", str(data), "--out", str(root / "c2"), "--quiet"])
+    assert e.value.code == 2 and "one of the arguments --vqvae --init is required" in capsys.readouterr().err
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
