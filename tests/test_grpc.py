@@ -317,3 +317,12 @@ def test_generated_code_matches_the_proto(tmp_path):
     assert sorted(got) == sorted(want)
     stale = [str(p) for p in want if want[p] != got[p]]
     assert not stale, f"{stale} differ from proto/: run proto/generate.sh (grpcio-tools as pinned in pyproject.toml)"
+
+
+def test_a_named_sampler_without_steps_gets_that_samplers_default(tiny_model):
+    T = tiny_model.config.transformer.num_timesteps
+    with serving(tiny_model) as h:
+        resp = h.stub.Generate(pb.GenerateRequest(prompt=PROMPT, seed=1, sampler=pb.SAMPLER_POSTERIOR))
+        assert resp.params.sampler == pb.SAMPLER_POSTERIOR and resp.params.steps == T
+        resp = h.stub.Generate(pb.GenerateRequest(prompt=PROMPT, seed=1, sampler=pb.SAMPLER_SKIP))
+        assert resp.params.steps == default_params(tiny_model).steps  # the folder's budget, within 1..T

@@ -15,7 +15,7 @@ from model.config import DiffusionConfig
 from model.diffusion import Schedule
 from model.folder import load_model, random_model, save_model
 from model.params import GenerationParams
-from model.sampler import advance, plan, sample, start
+from model.sampler import advance, default_params, plan, sample, start
 from model.step import POSTERIOR, BatchParams, denoise_step
 
 
@@ -172,6 +172,23 @@ def test_cli_generates_a_png(tiny_model, tmp_path, capsys):
                                                                  truncation_rate=0.9, purity_weight=1.5)).images
     got = torch.tensor(list(img.getdata()), dtype=torch.float32).view(16, 16, 3).permute(2, 0, 1) / 255
     assert (got - want[0]).abs().max() <= 1 / 255 + 1e-6  # the same image, up to 8-bit rounding
+
+
+def test_cli_a_named_sampler_without_steps_gets_its_own_default(tiny_model, tmp_path, capsys):
+    """A folder without defaults (steps: min(100, N) = 64 here) asked for the posterior sampler:
+    its steps are the model's T, not the folder's default, which posterior could not take."""
+    from vqdiff.cli import main
+
+    folder = save_model(tiny_model, tmp_path / "m")
+    c = tiny_model.config.transformer
+    for sampler, steps in (("posterior", c.num_timesteps), ("skip", min(100, c.num_tokens, c.num_timesteps))):
+        capsys.readouterr()
+        code = main(["generate", "a red circle", "--model", str(folder), "-o", str(tmp_path / "p.png"), "--seed", "1",
+                     "--sampler", sampler, "--quiet"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert f"sampler={sampler} steps={steps} " in out.out, out.out
+    assert default_params(tiny_model, "random").steps == default_params(tiny_model).steps == min(100, c.num_tokens)
 
 
 @pytest.mark.parametrize("args,match", [
