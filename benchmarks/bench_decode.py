@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from model.default import default_model_dir
-from model.folder import load_model
-from server.images import decode_pngs
+from vqdiff.model.io.default import default_model_dir
+from vqdiff.model.io.folder import load_model
+from vqdiff.server.images import decode_pngs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -43,10 +43,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from model.config import DiffusionConfig  # noqa: E402
-from model.diffusion import Schedule  # noqa: E402
-from model.step import PURITY, BatchParams, denoise_step  # noqa: E402
-import model.step as ref  # noqa: E402
+from vqdiff.model.config import DiffusionConfig  # noqa: E402
+from vqdiff.model.diffusion import Schedule  # noqa: E402
+from vqdiff.model.sampling.step import PURITY, BatchParams, denoise_step  # noqa: E402
+import vqdiff.model.sampling.step as ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_FRACTION, TARGET_SPEEDUP = 0.70, 3.0
@@ -167,7 +167,7 @@ def main() -> int:
                 ("guided+lp", guided_lp, base + 4 * b * n * k),
                 ("step", None, base + 2 * b * count * k * s),
             ]
-            from kernels import ops as kops
+            from vqdiff.kernels import ops as kops
 
             src = torch.empty(base // 8, dtype=torch.float32, device=device).normal_()  # a copy moving guided's
             dst = torch.empty_like(src)  # bytes (read + written): what this card reaches at this size

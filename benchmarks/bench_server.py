@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.shapes import prompt_set  # noqa: E402
+from vqdiff.model.shapes.scenes import prompt_set  # noqa: E402
 
 
 def busy_loops(n: int) -> list[subprocess.Popen]:

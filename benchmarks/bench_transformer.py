@@ -18,9 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from model.config import ithq
-from model.folder import transformer_config_to_diffusers
-from model.transformer import VQDiffusionTransformer
+from vqdiff.model.config import ithq
+from vqdiff.model.io.folder import transformer_config_to_diffusers
+from vqdiff.model.net.transformer import VQDiffusionTransformer
 
 
 def timeit(fn, repeat: int) -> float:

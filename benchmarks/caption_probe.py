@@ -22,9 +22,9 @@ import argparse
 
 import torch
 
-from model.diffusion import Schedule, q_sample
-from model.folder import load_model
-from model.shapes import generate
+from vqdiff.model.diffusion import Schedule, q_sample
+from vqdiff.model.io.folder import load_model
+from vqdiff.model.shapes.scenes import generate
 
 PLACE_SWAP = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "purple": "orange", "orange": "purple"}

@@ -7,8 +7,8 @@ Rows: the improved sampler (purity prior) at several numbers of forward passes a
 random-order sampler (Algorithm 1: the purity prior off) and the original skip-step posterior
 sampler at the same forwards (Tables 2-3 of the paper), the purity prior's sharpening alone
 (purity_weight 0), the full 100-step posterior sampler, and a guidance-scale sweep with 4 samples
-per prompt for diversity (Fig. 2). Fidelity is exact (model/evaluate.py); FD is the Fréchet
-distance in the feature space of models/features (model/features.py). With --out, also writes
+per prompt for diversity (Fig. 2). Fidelity is exact (model/shapes/evaluate.py); FD is the Fréchet
+distance in the feature space of models/features (model/shapes/features.py). With --out, also writes
 results.json and sweep.png (fidelity against forwards; the guidance trade-off).
 """
 
@@ -20,12 +20,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from model.evaluate import evaluate
-from model.features import load_features
-from model.folder import load_model
-from model.sampler import default_params
+from vqdiff.model.shapes.evaluate import evaluate
+from vqdiff.model.shapes.features import load_features
+from vqdiff.model.io.default import FEATURES
+from vqdiff.model.io.folder import load_model
+from vqdiff.model.sampling.sampler import default_params
 
-FEATURES = Path(__file__).resolve().parent.parent / "models" / "features"
 STEPS = (4, 8, 16, 32, 64)
 GUIDANCE = (1.0, 2.0, 3.0, 5.0, 8.0)
 

@@ -39,10 +39,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import model.step as ref  # noqa: E402
-from model.config import DiffusionConfig, ithq  # noqa: E402
-from model.diffusion import Schedule  # noqa: E402
-from model.step import PURITY, BatchParams, denoise_step  # noqa: E402
+import vqdiff.model.sampling.step as ref  # noqa: E402
+from vqdiff.model.config import DiffusionConfig, ithq  # noqa: E402
+from vqdiff.model.diffusion import Schedule  # noqa: E402
+from vqdiff.model.sampling.step import PURITY, BatchParams, denoise_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -78,7 +78,7 @@ def ceiling(device: str, gib: float) -> dict:
 def configs(device: str, batches: list[int], n: int, k: int, copy_tbs: float | None, deadline: float) -> list[dict]:
     import triton
 
-    from kernels.guided import _guided_purity_kernel
+    from vqdiff.kernels.guided import _guided_purity_kernel
 
     results = []
     print(f"\nconfigs: guided_purity, purity only, N={n} K={k}, one position a program")
@@ -135,8 +135,8 @@ def draw(device: str, batches: list[int], n: int, k: int, count: int, deadline: 
     """The draw kernel alone, by warps and with truncation on (r = 0.86) and off (r = 1)."""
     import triton
 
-    from kernels.draw import _draw_kernel
-    from model import rng
+    from vqdiff.kernels.draw import _draw_kernel
+    from vqdiff.model.sampling import rng
 
     out = []
     print(f"\ndraw: _draw_kernel, bf16, {count} positions a row, N={n} K={k}")
@@ -204,7 +204,7 @@ def graphed(device: str, batches: list[int], n: int, k: int, count: int) -> list
 
 
 def parts(device: str, b: int, n: int, k: int, count: int) -> list[dict]:
-    from kernels import ops
+    from vqdiff.kernels import ops
 
     cond, uncond, x, p, score, chosen = step_case(device, b, n, k, count, torch.bfloat16)
     masked = x == k
@@ -226,7 +226,7 @@ def parts(device: str, b: int, n: int, k: int, count: int) -> list[dict]:
 
 
 def forward(device: str, images: list[int], count: int, deadline: float) -> list[dict]:
-    from model.transformer import VQDiffusionTransformer
+    from vqdiff.model.net.transformer import VQDiffusionTransformer
 
     cfg = ithq().transformer
     torch.manual_seed(0)

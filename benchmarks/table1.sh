@@ -11,7 +11,7 @@
 # from its run folder's checkpoint). On the project's 2-core CPU: the base takes ~1 s/step, a
 # fine-tune the same. Usage, from the repository root:
 #     DATA=/path/to/shapes60k VQVAE=models/default/vqvae BASE_STEPS=6000 FT_STEPS=1500 bash benchmarks/table1.sh
-# DATA is an image-caption folder (model/data.py); the README of models/default says how to write one.
+# DATA is an image-caption folder (model/train/data.py); the README of models/default says how to write one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA:?set DATA to an image-caption folder}"

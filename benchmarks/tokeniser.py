@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.evaluate import tokeniser_stats, vqvae_ceiling
-from model.folder import load_vqvae
+from vqdiff.model.shapes.evaluate import tokeniser_stats, vqvae_ceiling
+from vqdiff.model.io.folder import load_vqvae
 
 
 def main() -> None:

@@ -1,19 +1,19 @@
 """Triton kernels for the sampling step (issue 6), and the one switch that picks them.
 
-The step has three ops, each a set of a torch reference in ``model/step.py`` and a kernel here with the
+The step has three ops, each a set of a torch reference in ``model/sampling/step.py`` and a kernel here with the
 same name and signature:
 
     guided_purity   kernels/guided.py     Eq. 7 guidance, log-softmax, truncation, purity (one pass)
     select_masked   kernels/selection.py  top-Δz importance selection among masked positions (Gumbel-top-k)
     draw_at         kernels/draw.py       the token draw at the chosen positions only (Eq. 11, Gumbel-max)
 
-with the shared parts beside them: kernels/rng.py (model/rng.py's hash in Triton), kernels/truncate.py
+with the shared parts beside them: kernels/rng.py (model/sampling/rng.py's hash in Triton), kernels/truncate.py
 (truncation by bisection, no sort), kernels/precise.py (exp/log as accurate as torch's),
 kernels/checks.py (what the launchers check).
 
 ``step_ops(device)`` returns the module whose ops the step uses: the kernels on CUDA (when triton is
 installed), the references elsewhere. ``VQDIFF_KERNELS`` forces either: ``triton``, ``torch`` or
-``auto`` (the default). This file never imports triton: importing ``model.step`` must stay cheap and
+``auto`` (the default). This file never imports triton: importing ``vqdiff.model.sampling.step`` must stay cheap and
 must not fix triton's mode (``TRITON_INTERPRET`` is read when the ``@triton.jit`` decorators run).
 """
 
@@ -62,9 +62,9 @@ def use_triton(device: torch.device | str) -> bool:
 def step_ops(device: torch.device | str) -> ModuleType:
     """The module providing ``guided_purity``, ``select_masked`` and ``draw_at`` for ``device``."""
     if use_triton(device):
-        from kernels import ops  # imports triton: only here
+        from vqdiff.kernels import ops  # imports triton: only here
 
         return ops
-    import model.step as reference
+    import vqdiff.model.sampling.step as reference
 
     return reference

@@ -1,6 +1,6 @@
 """The token draw at the chosen positions: Eq. 11 sharpening and Gumbel-max, noise hashed in-kernel.
 
-Reference: ``model.step.draw_at`` (same signature). A position is drawn only if it was chosen (about
+Reference: ``vqdiff.model.sampling.step.draw_at`` (same signature). A position is drawn only if it was chosen (about
 Δz of N per row, 1% at ITHQ's 10 of 1024). The grid is (B, M), M = ``max_count``: program (b, j) finds
 row b's j-th chosen position from a prefix sum of the row's N flags, and reads nothing else if the row
 has fewer. So the launch is B x Δz programs that all draw, not B x N mostly idle ones (at B = 32 those
@@ -9,7 +9,7 @@ log p from the logits (K classes, fp32), truncates where r < 1, and takes
 
     argmax_c  sharpen * log p_c + Gumbel(u(seed, step, TOKEN, n * K + c))
 
-with the uniforms of ``model.rng`` computed here (``kernels/rng.py``): the same bits, keyed by the true
+with the uniforms of ``vqdiff.model.sampling.rng`` computed here (``kernels/rng.py``): the same bits, keyed by the true
 position n, and never written to memory. Ties go to the lowest class, as ``torch.argmax``.
 """
 
@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import rng
-from kernels.checks import check_logits, check_tensor
-from kernels.guided import LOG_MIN, guided_log_probs, row_blocks
-from kernels.truncate import kept
-from model import rng as _model_rng
+from vqdiff.kernels import rng
+from vqdiff.kernels.checks import check_logits, check_tensor
+from vqdiff.kernels.guided import LOG_MIN, guided_log_probs, row_blocks
+from vqdiff.kernels.truncate import kept
+from vqdiff.model.sampling import rng as _model_rng
 
 MAX_N = 16384  # one row's chosen flags live in registers: one block of next_power_of_2(N)
 DRAW_WARPS = 8  # warps of a program drawing one position of K >= 2048 classes
@@ -70,7 +70,7 @@ def draw_at(
     cond: Tensor, uncond: Tensor, guidance_scale: Tensor, truncation_rate: Tensor, sharpen: Tensor,
     chosen: Tensor, x: Tensor, seed: Tensor, step: Tensor, max_count: int | None = None, truncates: bool = True,
 ) -> Tensor:
-    """x (B, N) with a token drawn at every chosen position. See ``model.step.draw_at``: as there, only
+    """x (B, N) with a token drawn at every chosen position. See ``vqdiff.model.sampling.step.draw_at``: as there, only
     the first ``max_count`` chosen positions of a row are drawn (None: all N may be)."""
     b, n, k = check_logits(cond, uncond, INTERPRETED)
     dev = cond.device

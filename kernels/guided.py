@@ -1,6 +1,6 @@
 """Fused guided log-probs: Eq. 7 guidance, log-softmax, truncation and purity in one pass over the logits.
 
-Reference: ``model.step.guided_purity`` (same signature). Each program reads R whole positions (K
+Reference: ``vqdiff.model.sampling.step.guided_purity`` (same signature). Each program reads R whole positions (K
 classes each) of the cond and uncond logits once, in their own dtype (fp32, bf16 or fp16), and works
 in fp32:
 
@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import precise
-from kernels.checks import check_logits, check_tensor
-from kernels.truncate import kept
-from model.step import LOG_MIN as _LOG_MIN
+from vqdiff.kernels import precise
+from vqdiff.kernels.checks import check_logits, check_tensor
+from vqdiff.kernels.truncate import kept
+from vqdiff.model.sampling.step import LOG_MIN as _LOG_MIN
 
 LOG_MIN = tl.constexpr(_LOG_MIN)
 MAX_K = 16384  # one position's classes live in registers: one block of next_power_of_2(K)
@@ -100,7 +100,7 @@ def guided_purity(
     cond: Tensor, uncond: Tensor, guidance_scale: Tensor, truncation_rate: Tensor,
     with_log_p: bool = False, truncates: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """(purity (B, N) fp32, truncated log p (B, N, K) fp32 or None). See ``model.step.guided_purity``."""
+    """(purity (B, N) fp32, truncated log p (B, N, K) fp32 or None). See ``vqdiff.model.sampling.step.guided_purity``."""
     b, n, k = check_logits(cond, uncond, INTERPRETED)
     for name, t in (("guidance_scale", guidance_scale), ("truncation_rate", truncation_rate)):
         check_tensor(t, name, (b,), (torch.float32,), cond.device, INTERPRETED)

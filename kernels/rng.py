@@ -1,4 +1,4 @@
-"""model/rng.py in Triton: the same hash bits, so a kernel draws exactly what the reference draws.
+"""model/sampling/rng.py in Triton: the same hash bits, so a kernel draws exactly what the reference draws.
 
 A uniform at (seed, step, stream, position, class) is ``uniform(row_state(seed, step, stream), index)``
 with index = position * C + class (C classes; C = 1 for per-position streams). ``mix32`` is lowbias32
@@ -11,12 +11,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels import precise
+from vqdiff.kernels import precise
 
 
 @triton.jit
 def mix32(x):
-    """lowbias32 on uint32 (model.rng.mix32)."""
+    """lowbias32 on uint32 (mix32 of model/sampling/rng.py)."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)
@@ -34,12 +34,12 @@ def row_state(seed, step, STREAM: tl.constexpr):
 
 @triton.jit
 def uniform(h, index):
-    """Uniforms in (0, 1) on a 23-bit grid (model.rng.uniform); h uint32, index int32/int64 (mod 2^32)."""
+    """Uniforms in (0, 1) on a 23-bit grid (uniform of model/sampling/rng.py); h uint32, index int32/int64 (mod 2^32)."""
     x = mix32(mix32(h + index.to(tl.uint32)) ^ h)
     return ((x >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @triton.jit
 def gumbel(u, PRECISE: tl.constexpr):
-    """Standard Gumbel noise, -log(-log(u)) (model.rng.gumbel)."""
+    """Standard Gumbel noise, -log(-log(u)) (gumbel of model/sampling/rng.py)."""
     return -precise.log(-precise.log(u, PRECISE), PRECISE)

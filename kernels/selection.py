@@ -1,7 +1,7 @@
 """Top-Δz importance selection: per row, ``count`` masked positions without replacement, with
 probability proportional to ``score`` (Gumbel-top-k), noise hashed in-kernel.
 
-Reference: ``model.step.select_masked`` (same signature). Keys are log(score) + Gumbel(u(seed, step,
+Reference: ``vqdiff.model.sampling.step.select_masked`` (same signature). Keys are log(score) + Gumbel(u(seed, step,
 SELECT, n)) at masked positions and -inf elsewhere; the reference sorts them (stable, descending) and
 keeps ranks < count. Here each position's rank is counted instead:
 
@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import precise, rng
-from kernels.checks import check_tensor
-from model import rng as _model_rng
+from vqdiff.kernels import precise, rng
+from vqdiff.kernels.checks import check_tensor
+from vqdiff.model.sampling import rng as _model_rng
 
 
 @triton.jit
@@ -58,7 +58,7 @@ INTERPRETED = not isinstance(_select_kernel, triton.runtime.JITFunction)
 
 
 def select_masked(score: Tensor, masked: Tensor, count: Tensor, seed: Tensor, step: Tensor) -> Tensor:
-    """(B, N) bool: the chosen positions. See ``model.step.select_masked``."""
+    """(B, N) bool: the chosen positions. See ``vqdiff.model.sampling.step.select_masked``."""
     if not isinstance(score, Tensor) or score.dim() != 2:
         raise ValueError(f"score must be (B, N), got {getattr(score, 'shape', type(score).__name__)}")
     b, n = score.shape

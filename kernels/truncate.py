@@ -1,6 +1,6 @@
 """Truncation without a sort: the reference's kept set, found by bisection on the log-probability.
 
-Reference (``model.step.truncate``): sort log p descending (stable: ties by class index), keep a
+Reference (``vqdiff.model.sampling.step.truncate``): sort log p descending (stable: ties by class index), keep a
 class while the mass before it, summed in fp64 and rounded to fp32, is < r; the top-1 always; r >= 1
 keeps all. Sorting is O(K log K) with data-dependent shuffles; here the kept set is found from sums:
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels import precise
+from vqdiff.kernels import precise
 
 INT32_MIN = tl.constexpr(-(2**31))
 INT32_MAX = tl.constexpr(2**31 - 1)

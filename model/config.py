@@ -1,7 +1,7 @@
 """Model configs: frozen dataclasses with named presets.
 
 Every model folder carries these (as diffusers-style ``config.json`` files, see
-``model/folder.py``); nothing in the model reads a config from anywhere else.
+``model/io/folder.py``); nothing in the model reads a config from anywhere else.
 The ``ithq`` preset has the exact dimensions of Microsoft's released ITHQ model
 (REFERENCE.md section 5); ``tiny`` is for tests.
 """
@@ -177,7 +177,7 @@ def tiny() -> ModelConfig:
 
 def shapes() -> ModelConfig:
     """The embedded default model's shape (issue 4, in training): 32x32 images of the procedural
-    shapes dataset (model/shapes.py), 8x8 tokens. Sized to train on 2 CPU cores and to ship in
+    shapes dataset (model/shapes/scenes.py), 8x8 tokens. Sized to train on 2 CPU cores and to ship in
     under 30 MB (fp16 on disk): transformer ~6 M parameters, text encoder ~1.4 M, VQVAE ~2.5 M."""
     k = 512
     return ModelConfig(

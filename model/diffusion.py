@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from model.config import DiffusionConfig
+from vqdiff.model.config import DiffusionConfig
 
 LOG_ZERO = math.log(1e-30)  # "log 0" of a clamped one-hot vector, -69.08
 LOG_PROB_MIN = -70.0  # the official clamp floor for log-probabilities

@@ -10,7 +10,7 @@
 # protoc names modules after the .proto path: vqdiff/v1/generate.proto -> vqdiff/v1/generate_pb2.py,
 # and generate_pb2_grpc.py imports it as `from vqdiff.v1 import generate_pb2`. That absolute import
 # would resolve to this repository's own top-level `vqdiff` package (the CLI), so the one import line
-# is rewritten to `from server.proto_gen.vqdiff.v1 import ...`.
+# is rewritten to `from vqdiff.server.proto_gen.vqdiff.v1 import ...`.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,8 +26,8 @@ for proto in "${protos[@]}"; do
     pkg="$(dirname "$proto")"  # vqdiff/v1
     grpc_py="$out/${proto%.proto}_pb2_grpc.py"
     dotted="${pkg//\//.}"      # vqdiff.v1
-    sed -i "s/^from ${dotted//./\\.} import /from server.proto_gen.${dotted} import /" "$grpc_py"
-    grep -q "^from server.proto_gen.${dotted} import " "$grpc_py" || { echo "generate.sh: import rewrite failed in $grpc_py" >&2; exit 1; }
+    sed -i "s/^from ${dotted//./\\.} import /from vqdiff.server.proto_gen.${dotted} import /" "$grpc_py"
+    grep -q "^from vqdiff.server.proto_gen.${dotted} import " "$grpc_py" || { echo "generate.sh: import rewrite failed in $grpc_py" >&2; exit 1; }
     # every directory on the way is a package
     d="$pkg"
     while [ "$d" != "." ]; do

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine import Draining, Engine, QueueFull
-from server.errors import from_submit
-from server.request import Event, Failure, Request, Result
+from vqdiff.server.engine import Draining, Engine, QueueFull
+from vqdiff.server.errors import from_submit
+from vqdiff.server.request import Event, Failure, Request, Result
 
 
 class EventStream:

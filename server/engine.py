@@ -2,7 +2,7 @@
 
 Every step: ask the scheduler what runs; encode the text of new arrivals (one batched call) and
 cache their cross-attention keys/values; run ONE transformer forward over the cond and uncond rows
-of every running image (``model.sampler.advance``); read one small per-row summary back to the host
+of every running image (``vqdiff.model.sampling.sampler.advance``); read one small per-row summary back to the host
 (finite?, unmasked fraction); hand finished grids and due previews to the decode pool, so VQVAE
 decoding and PNG encoding never stall the loop.
 
@@ -24,14 +24,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from model.params import SEED_MAX
-from model.rng import random_seed
-from model.sampler import RequestState, advance, batch_text_kv, start
-from server.images import decode_pngs, preview_tokens
-from server.metrics import Metrics
-from server.request import Event, Failure, Progress, Request, Result, Status, Timings
-from server.scheduler import Draining, QueueFull, Scheduler
-from server.settings import Settings
+from vqdiff.model.sampling.params import SEED_MAX
+from vqdiff.model.sampling.rng import random_seed
+from vqdiff.model.sampling.sampler import RequestState, advance, batch_text_kv, start
+from vqdiff.server.images import decode_pngs, preview_tokens
+from vqdiff.server.metrics import Metrics
+from vqdiff.server.request import Event, Failure, Progress, Request, Result, Status, Timings
+from vqdiff.server.scheduler import Draining, QueueFull, Scheduler
+from vqdiff.server.settings import Settings
 
 log = logging.getLogger("vqdiff.engine")
 

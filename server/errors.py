@@ -6,8 +6,8 @@ import re
 
 import grpc
 
-from server.request import Status
-from server.scheduler import Draining, QueueFull
+from vqdiff.server.request import Status
+from vqdiff.server.scheduler import Draining, QueueFull
 
 
 class ApiError(Exception):

@@ -21,15 +21,15 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from model.params import SAMPLERS, SEED_MAX, UNCONDS, GenerationParams
-from model.sampler import request_params
-from server.aio import ApiEventStream
-from server.engine import Engine
-from server.errors import ApiError, from_failure, invalid, unauthenticated
-from server.proto_gen.vqdiff.v1 import generate_pb2 as pb
-from server.proto_gen.vqdiff.v1 import generate_pb2_grpc
-from server.request import Failure, Progress, Request, Result
-from server.settings import Settings
+from vqdiff.model.sampling.params import SAMPLERS, SEED_MAX, UNCONDS, GenerationParams
+from vqdiff.model.sampling.sampler import request_params
+from vqdiff.server.aio import ApiEventStream
+from vqdiff.server.engine import Engine
+from vqdiff.server.errors import ApiError, from_failure, invalid, unauthenticated
+from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
+from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
+from vqdiff.server.request import Failure, Progress, Request, Result
+from vqdiff.server.settings import Settings
 
 log = logging.getLogger("vqdiff.grpc")
 
@@ -39,7 +39,7 @@ SCALAR_PARAMS = ("negative_prompt", "seed", "steps", "guidance_scale", "truncati
 
 
 def _enum_names(enum, prefix: str, allowed: tuple[str, ...]) -> dict[int, str]:
-    """{SAMPLER_PURITY: "purity", ...}; fails at import if the proto and model/params.py disagree."""
+    """{SAMPLER_PURITY: "purity", ...}; fails at import if the proto and model/sampling/params.py disagree."""
     names = {v: k.removeprefix(prefix).lower() for k, v in enum.items() if v != 0}
     if sorted(names.values()) != sorted(allowed):
         raise RuntimeError(f"{enum.DESCRIPTOR.full_name} has {sorted(names.values())} but the engine knows "

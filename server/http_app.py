@@ -14,16 +14,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.sampler import default_params, request_params
-from server.aio import ApiEventStream
-from server.docs import add_docs
-from server.engine import Engine
-from server.errors import ApiError, bad_body, from_failure, invalid, unauthenticated, unavailable
-from server.request import Failure, Progress, Request, Result
-from server.schemas import (
+from vqdiff.model.sampling.sampler import default_params, request_params
+from vqdiff.server.aio import ApiEventStream
+from vqdiff.server.docs import add_docs
+from vqdiff.server.engine import Engine
+from vqdiff.server.errors import ApiError, bad_body, from_failure, invalid, unauthenticated, unavailable
+from vqdiff.server.request import Failure, Progress, Request, Result
+from vqdiff.server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
 )
-from server.settings import Settings
+from vqdiff.server.settings import Settings
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 POLL_S = 0.1  # how often a waiting plain request checks whether its client is still there

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from server.engine import Engine
-from server.settings import Settings
+from vqdiff.server.engine import Engine
+from vqdiff.server.settings import Settings
 
 log = logging.getLogger("vqdiff.server")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,8 +56,8 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load(settings: Settings):
-    from model.default import default_model_dir
-    from model.folder import load_model
+    from vqdiff.model.io.default import default_model_dir
+    from vqdiff.model.io.folder import load_model
 
     folder = settings.model or default_model_dir()
     model = load_model(folder, device=settings.device, dtype=resolve_dtype(settings.dtype, settings.device))
@@ -84,7 +84,7 @@ class Server:
         self.engine = Engine(model, settings, model_name=self.info["id"])
 
     async def run(self, started: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
-        from server.http_app import create_app
+        from vqdiff.server.http_app import create_app
 
         settings, engine, info = self.settings, self.engine.start(), self.info
         app = create_app(engine, settings, info)
@@ -92,7 +92,7 @@ class Server:
                                        timeout_graceful_shutdown=ANSWER_S, lifespan="off"))
         grpc_server = None
         if settings.grpc_port:
-            from server.grpc_app import start_grpc
+            from vqdiff.server.grpc_app import start_grpc
 
             grpc_server = await start_grpc(engine, settings, info)
 
@@ -157,7 +157,7 @@ async def serve_async(settings: Settings, model=None, folder: Path | None = None
 
 
 def serve(settings: Settings) -> None:
-    from server import threads
+    from vqdiff.server import threads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     threads.apply(settings)  # before the engine's threads run a torch op: each keeps the count it first saw

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
-from model.params import GenerationParams
+from vqdiff.model.sampling.params import GenerationParams
 
 
 class Status(enum.IntEnum):

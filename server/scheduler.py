@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.request import Request, Status
+from vqdiff.server.request import Request, Status
 
 
 class QueueFull(Exception):

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from server.request import Result
+from vqdiff.server.request import Result
 
 Number = StrictFloat | StrictInt
 
@@ -32,7 +32,7 @@ class GenerateRequest(BaseModel):
     preview_every: Optional[StrictInt] = Field(None, description="Steps between streamed previews (stream only).")
 
     def given(self) -> dict:
-        """The generation parameters this request set (``model.sampler.request_params`` fills the rest)."""
+        """The generation parameters this request set (``vqdiff.model.sampling.sampler.request_params`` fills the rest)."""
         given = {k: getattr(self, k) for k in PARAM_FIELDS if getattr(self, k) is not None}
         if self.negative_prompt is not None:
             given["negative_prompt"] = self.negative_prompt

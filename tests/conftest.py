@@ -11,13 +11,13 @@ import pytest
 import torch
 
 # Without CUDA the Triton kernels run under the interpreter. TRITON_INTERPRET must be set before
-# anything imports triton (torch._dynamo does, through model.folder), so it is set here, first; the
+# anything imports triton (torch._dynamo does, through vqdiff.model.io.folder), so it is set here, first; the
 # dispatch in kernels/ still picks the torch references on a CPU (tests/test_kernels.py forces kernels).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from model.config import tiny
-from model.tokenizer import word_tokenizer
+from vqdiff.model.config import tiny
+from vqdiff.model.net.tokenizer import word_tokenizer
 
 WORDS = ["a", "an", "red", "green", "blue", "circle", "square", "triangle", "above", "below", "left", "of", "the"]
 
@@ -51,8 +51,8 @@ def diffusers_pipeline(tokenizer, tiny_config):
     )
     from transformers import CLIPTextModel
 
-    from model.folder import transformer_config_to_diffusers, vqvae_config_to_diffusers
-    from model.text_encoder import clip_config
+    from vqdiff.model.io.folder import transformer_config_to_diffusers, vqvae_config_to_diffusers
+    from vqdiff.model.net.text_encoder import clip_config
 
     c = tiny_config
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""A real server (engine + HTTP + optional gRPC, ``server.main.serve_async``) on loopback, in a
+"""A real server (engine + HTTP + optional gRPC, ``vqdiff.server.main.serve_async``) on loopback, in a
 background thread with its own event loop, for end-to-end tests."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 import threading
 from dataclasses import replace
 
-from server.settings import Settings
+from vqdiff.server.settings import Settings
 
 
 def free_port() -> int:
@@ -27,7 +27,7 @@ class ServerThread:
         self.stop_event = asyncio.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
-        from server.main import Server
+        from vqdiff.server.main import Server
 
         self.server = Server(self.settings, model=model, folder=None)
         self.engine = self.server.engine

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.default import EMBEDDED
-from model.folder import load_model, random_model, save_model
+from vqdiff.model.io.default import EMBEDDED
+from vqdiff.model.io.folder import load_model, random_model, save_model
 
 diffusers = pytest.importorskip("diffusers")
 

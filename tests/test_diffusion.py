@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import DiffusionConfig
-from model.diffusion import (
+from vqdiff.model.config import DiffusionConfig
+from vqdiff.model.diffusion import (
     LOG_ZERO,
     ImportanceSampler,
     Schedule,

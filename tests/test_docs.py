@@ -15,9 +15,9 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-import server.docs as docs
-from model.folder import random_model
-from server.docs import ASSETS, add_docs
+import vqdiff.server.docs as docs
+from vqdiff.model.io.folder import random_model
+from vqdiff.server.docs import ASSETS, add_docs
 from tests.serving import ServerThread
 
 TIMEOUT_MS = 15_000

@@ -18,9 +18,9 @@ import grpc
 import httpx
 import torch
 
-from model.folder import random_model, save_model
-from server.proto_gen.vqdiff.v1 import generate_pb2 as pb
-from server.proto_gen.vqdiff.v1 import generate_pb2_grpc
+from vqdiff.model.io.folder import random_model, save_model
+from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
+from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from tests.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-import server.engine as engine_module
-from model.folder import random_model
-from model.params import GenerationParams
-from model.sampler import batch_text_kv, sample
-from server.engine import Engine
-from server.images import decode_pngs
-from server.request import Failure, Progress, Request, Result, Status
-from server.scheduler import Draining, QueueFull
-from server.settings import Settings
+import vqdiff.server.engine as engine_module
+from vqdiff.model.io.folder import random_model
+from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.sampling.sampler import batch_text_kv, sample
+from vqdiff.server.engine import Engine
+from vqdiff.server.images import decode_pngs
+from vqdiff.server.request import Failure, Progress, Request, Result, Status
+from vqdiff.server.scheduler import Draining, QueueFull
+from vqdiff.server.settings import Settings
 
 
 @pytest.fixture(scope="module")

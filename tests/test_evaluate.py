@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import model.sampler as sampler_mod
-from model import shapes
-from model.evaluate import evaluate, grid
-from model.params import GenerationParams
+import vqdiff.model.sampling.sampler as sampler_mod
+from vqdiff.model.shapes import scenes as shapes
+from vqdiff.model.shapes.evaluate import evaluate, grid
+from vqdiff.model.sampling.params import GenerationParams
 
 
 class _Fake:
@@ -74,8 +74,8 @@ def test_grid_layout():
 
 
 def test_failure_reasons():
-    from model import shapes
-    from model.evaluate import failure
+    from vqdiff.model.shapes import scenes as shapes
+    from vqdiff.model.shapes.evaluate import failure
 
     red, blue = shapes.Mention("circle", "red", None), shapes.Mention("square", "blue", None)
     stated = shapes.Stated((red, blue), relation=(0, "above", 1))
@@ -91,8 +91,8 @@ def test_failure_reasons():
 
 
 def test_fact_tally_picks_the_best_assignment_and_counts_each_fact():
-    from model import shapes
-    from model.evaluate import fact_tally
+    from vqdiff.model.shapes import scenes as shapes
+    from vqdiff.model.shapes.evaluate import fact_tally
 
     red = shapes.Mention("circle", "red", "small")
     blue = shapes.Mention("square", "blue", None)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import shapes
-from model.features import LABELS, FeatureNet, embed, frechet_distance, labels, load_features, train_features
+from vqdiff.model.shapes import scenes as shapes
+from vqdiff.model.shapes.features import LABELS, FeatureNet, embed, frechet_distance, labels, load_features, train_features
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.folder import ModelFolderError, load_model, random_model, read_config, save_model
-from model.tokenizer import load_tokenizer
+from vqdiff.model.io.folder import ModelFolderError, load_model, random_model, read_config, save_model
+from vqdiff.model.net.tokenizer import load_tokenizer
 
 TOL = 1e-4
 PROMPTS = ["a red circle above a blue square", "Green triangle", ""]
@@ -232,7 +232,7 @@ def test_unsupported_config_value_is_named(diffusers_folder, tmp_path):
 
 def test_ithq_folder_configs_read_as_the_ithq_preset():
     """ITHQ's JSON files (no weights) parse into exactly the ``ithq`` preset."""
-    from model.config import ithq
+    from vqdiff.model.config import ithq
 
     cfg = read_config(Path(__file__).parent / "fixtures" / "ithq")
     want = ithq()
@@ -324,7 +324,7 @@ def test_saved_tokenizer_records_the_text_length(tokenizer, tiny_config, tmp_pat
 def test_saved_folders_are_readable_by_other_users(tiny_config, tokenizer, tmp_path):
     import stat
 
-    from model.folder import random_model, save_model
+    from vqdiff.model.io.folder import random_model, save_model
 
     folder = save_model(random_model(tiny_config, tokenizer), tmp_path / "m")
     for path in [folder, *folder.rglob("*")]:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.folder import random_model
+from vqdiff.model.io.folder import random_model
 from tests.serving import ServerThread
 
 schemathesis = pytest.importorskip("schemathesis")

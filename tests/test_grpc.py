@@ -2,7 +2,7 @@
 thread), the real engine and the tiny random model, and the generated sync client.
 
 Tests that need a request to stay running hold the engine's step loop at a gate (a wrapper around
-``server.engine.advance``) instead of relying on timing, so they cannot race on a busy CPU.
+``vqdiff.server.engine.advance``) instead of relying on timing, so they cannot race on a busy CPU.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from PIL import Image
 
-import server.engine as engine_mod
-from model.folder import random_model
-from model.sampler import default_params, sample
-from server.engine import Engine
-from server.grpc_app import SERVICE, start_grpc
-from server.images import decode_pngs
-from server.proto_gen.vqdiff.v1 import generate_pb2 as pb
-from server.proto_gen.vqdiff.v1 import generate_pb2_grpc
-from server.settings import Settings
+import vqdiff.server.engine as engine_mod
+from vqdiff.model.io.folder import random_model
+from vqdiff.model.sampling.sampler import default_params, sample
+from vqdiff.server.engine import Engine
+from vqdiff.server.grpc_app import SERVICE, start_grpc
+from vqdiff.server.images import decode_pngs
+from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
+from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
+from vqdiff.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle above a blue square"

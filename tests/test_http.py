@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.folder import random_model
-from model.sampler import request_params, sample
-from server.images import decode_pngs
+from vqdiff.model.io.folder import random_model
+from vqdiff.model.sampling.sampler import request_params, sample
+from vqdiff.server.images import decode_pngs
 from tests.serving import ServerThread
 
 
@@ -188,7 +188,7 @@ def test_openai_client_works_unmodified(server, model):
 @pytest.fixture
 def slow_steps(monkeypatch):
     """Every engine step takes >= 20 ms, so a 100-step request outlasts the client's patience."""
-    import server.engine as engine_module
+    import vqdiff.server.engine as engine_module
 
     real = engine_module.advance
 

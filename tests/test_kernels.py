@@ -1,11 +1,11 @@
-"""The sampling-step kernels (kernels/, issue 6) against their torch references (model/step.py).
+"""The sampling-step kernels (kernels/, issue 6) against their torch references (model/sampling/step.py).
 
 Without CUDA the kernels run on the CPU under triton's interpreter. ``TRITON_INTERPRET=1`` must be set
 before triton itself is first imported (triton's own ``@jit`` helpers, which ``tl.max`` and friends
 call, are decorated then) and stay set while kernels launch. So this module sets it before importing
 anything of triton, keeps it set only while its own tests run (the ``_interpreter`` fixture) and
 restores it otherwise. If triton was imported earlier in this process (``torch._dynamo`` imports it,
-and ``model.folder`` imports that), the in-process tests are skipped and ``test_in_a_fresh_process``
+and ``vqdiff.model.io.folder`` imports that), the in-process tests are skipped and ``test_in_a_fresh_process``
 runs this file again in a fresh interpreter process instead.
 
 With CUDA the same tests run the compiled kernels on the GPU against the references on the GPU; the
@@ -54,15 +54,15 @@ if IN_PROCESS:
     import triton
     import triton.language as tl
 
-    import kernels
-    from kernels import ops
-    from kernels import rng as krng
+    from vqdiff import kernels
+    from vqdiff.kernels import ops
+    from vqdiff.kernels import rng as krng
 
-import model.step as ref  # noqa: E402
-from model import rng  # noqa: E402
-from model.config import DiffusionConfig  # noqa: E402
-from model.diffusion import Schedule  # noqa: E402
-from model.step import LOG_MIN, POSTERIOR, PURITY, RANDOM, BatchParams, denoise_step  # noqa: E402
+import vqdiff.model.sampling.step as ref  # noqa: E402
+from vqdiff.model.sampling import rng  # noqa: E402
+from vqdiff.model.config import DiffusionConfig  # noqa: E402
+from vqdiff.model.diffusion import Schedule  # noqa: E402
+from vqdiff.model.sampling.step import LOG_MIN, POSTERIOR, PURITY, RANDOM, BatchParams, denoise_step  # noqa: E402
 
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1 could be "
                                 "set; test_in_a_fresh_process runs these")
@@ -139,13 +139,13 @@ def test_switch(monkeypatch):
 
 
 def test_importing_the_step_does_not_import_triton():
-    code = "import sys, model.step, model.sampler, kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    code = "import sys, vqdiff.model.sampling.step, vqdiff.model.sampling.sampler, vqdiff.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
-# the hash: kernels/rng.py computes model/rng.py's bits
+# the hash: kernels/rng.py computes model/sampling/rng.py's bits
 
 
 if IN_PROCESS:
@@ -401,7 +401,7 @@ def test_denoise_step_same_with_kernels_and_references(monkeypatch, b, n, k, dty
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer, tiny_config):
-    from model.folder import random_model
+    from vqdiff.model.io.folder import random_model
 
     m = random_model(tiny_config, tokenizer, seed=3).eval()
     with torch.no_grad():  # confident, varied predictions (as tests/test_sampler.py)
@@ -412,8 +412,8 @@ def tiny_model(tokenizer, tiny_config):
 
 @in_process
 def test_sampler_same_tokens_with_kernels_and_references(tiny_model, monkeypatch):
-    from model.params import GenerationParams
-    from model.sampler import sample
+    from vqdiff.model.sampling.params import GenerationParams
+    from vqdiff.model.sampling.sampler import sample
 
     prompts = ["a red circle", "blue square above a green triangle", "a circle", "the square"]
     params = [

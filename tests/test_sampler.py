@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import model.step as step_mod
-from model.config import DiffusionConfig
-from model.diffusion import Schedule
-from model.folder import load_model, random_model, save_model
-from model.params import GenerationParams
-from model.sampler import advance, default_params, plan, sample, start
-from model.step import POSTERIOR, BatchParams, denoise_step
+import vqdiff.model.sampling.step as step_mod
+from vqdiff.model.config import DiffusionConfig
+from vqdiff.model.diffusion import Schedule
+from vqdiff.model.io.folder import load_model, random_model, save_model
+from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.sampling.sampler import advance, default_params, plan, sample, start
+from vqdiff.model.sampling.step import POSTERIOR, BatchParams, denoise_step
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from model.params import GenerationParams
-from server.request import Request, Status
-from server.scheduler import Draining, QueueFull, Scheduler
+from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.server.request import Request, Status
+from vqdiff.server.scheduler import Draining, QueueFull, Scheduler
 
 
 def req(n: int = 1, deadline: float = float("inf")) -> Request:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import OTHER_VARIABLES, Settings, from_args
+from vqdiff.server.settings import OTHER_VARIABLES, Settings, from_args
 from vqdiff.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.shapes import (HELDOUT, IMAGE_SIZE, CaptionRates, Mention, Obj, ParsedObj, Scene, Stated, faithful,
+from vqdiff.model.shapes.scenes import (HELDOUT, IMAGE_SIZE, CaptionRates, Mention, Obj, ParsedObj, Scene, Stated, faithful,
                           generate, parse, prompt_set, reads_as, render, satisfies, words)
 
 

@@ -16,7 +16,7 @@ import httpx
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from model.folder import random_model, save_model
+from vqdiff.model.io.folder import random_model, save_model
 from tests.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,10 +1,10 @@
-"""Tests of the batched denoise step (model/step.py), its randomness (model/rng.py) and the
-request-level loop around it (model/sampler.py: plan, RequestState, advance, start).
+"""Tests of the batched denoise step (model/sampling/step.py), its randomness (model/sampling/rng.py) and the
+request-level loop around it (model/sampling/sampler.py: plan, RequestState, advance, start).
 
 References are independent: exact probabilities enumerated by hand (weighted sampling without
 replacement, softmax), the log-space form of guidance in float64, the paper's two-position toy
 whose data is only AA and BB, and statistics of many draws. Every random number comes from
-``model.rng.uniform`` with fixed seeds, so each test is deterministic; sample sizes are chosen so
+``vqdiff.model.sampling.rng.uniform`` with fixed seeds, so each test is deterministic; sample sizes are chosen so
 that the statistical bounds hold with a wide margin (alpha = 1e-3 or better) and still catch the
 obvious wrong implementations (checked by the "power" assertions next to each chi-square).
 """
@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from model import rng
-from model.config import DiffusionConfig
-from model.diffusion import Schedule
-from model.params import GenerationParams
-from model.sampler import RequestState, advance, plan, start
-from model.step import (
+from vqdiff.model.sampling import rng
+from vqdiff.model.config import DiffusionConfig
+from vqdiff.model.diffusion import Schedule
+from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.sampling.sampler import RequestState, advance, plan, start
+from vqdiff.model.sampling.step import (
     LOG_MIN,
     POSTERIOR,
     PURITY,
@@ -269,7 +269,7 @@ def test_plan_counts_and_timesteps():
 
 
 def test_masks_follow_the_plan(tiny_config, tokenizer):
-    from model.folder import random_model
+    from vqdiff.model.io.folder import random_model
 
     model = random_model(tiny_config, tokenizer, seed=0).eval()
     n = tiny_config.transformer.num_tokens

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server import threads
-from server.settings import Settings
+from vqdiff.server import threads
+from vqdiff.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,8 +60,8 @@ def test_wait_policy_after_torch_is_refused_and_warned(torch_threads, caplog):
 def test_vqdiff_serve_sets_the_wait_policy_before_torch_loads(argv, spincount):
     """libgomp prints what it read (OMP_DISPLAY_ENV) when torch loads it; GOMP_SPINCOUNT tells the
     policies apart (unset: 300000). The server itself is stubbed: only the order of start-up counts."""
-    code = ("import sys, types; stub = types.ModuleType('server.main'); "
-            "stub.serve = lambda settings: __import__('torch'); sys.modules['server.main'] = stub; "
+    code = ("import sys, types; stub = types.ModuleType('vqdiff.server.main'); "
+            "stub.serve = lambda settings: __import__('torch'); sys.modules['vqdiff.server.main'] = stub; "
             f"from vqdiff.cli import main; sys.exit(main(['serve', *{argv!r}]))")
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("VQDIFF_", "OMP_", "GOMP_"))}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from model.data import write_folder
-from model.folder import load_model, load_text_encoder
-from model.shapes import generate
-from model.train_clip import CLIPTrainConfig, build, swapped, train_clip
-from model.train_transformer import TransformerTrainConfig, train_transformer
-from model.train_vqvae import VQVAETrainConfig, train_vqvae
+from vqdiff.model.train.data import write_folder
+from vqdiff.model.io.folder import load_model, load_text_encoder
+from vqdiff.model.shapes.scenes import generate
+from vqdiff.model.train.clip import CLIPTrainConfig, build, swapped, train_clip
+from vqdiff.model.train.transformer import TransformerTrainConfig, train_transformer
+from vqdiff.model.train.vqvae import VQVAETrainConfig, train_vqvae
 
 PAIRS = ("left:right", "above:below", "top:bottom")
 

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from model.data import write_folder
-from model.folder import load_model
-from model.params import GenerationParams
-from model.sampler import sample
-from model.shapes import generate
-from model.train_transformer import TransformerTrainConfig, caption_words, train_transformer
-from model.train_vqvae import VQVAETrainConfig, train_vqvae
+from vqdiff.model.train.data import write_folder
+from vqdiff.model.io.folder import load_model
+from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.sampling.sampler import sample
+from vqdiff.model.shapes.scenes import generate
+from vqdiff.model.train.transformer import TransformerTrainConfig, caption_words, train_transformer
+from vqdiff.model.train.vqvae import VQVAETrainConfig, train_vqvae
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_resumed_equals_uninterrupted(run):
 
 def _held_loss(folder, data) -> float:
     """Mean loss of a model folder on a fixed set: every image at a fixed grid of t, fixed noise."""
-    from model.data import ImageCaptionFolder
-    from model.diffusion import q_sample, training_loss
-    from model.train_transformer import tokenize_dataset
+    from vqdiff.model.train.data import ImageCaptionFolder
+    from vqdiff.model.diffusion import q_sample, training_loss
+    from vqdiff.model.train.transformer import tokenize_dataset
 
     model = load_model(folder)
     ds = ImageCaptionFolder(data, model.config.image_size)
@@ -139,7 +139,7 @@ def test_cli_continues_training_from_a_model_folder(run, capsys):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    from model.train_transformer import lr_factor
+    from vqdiff.model.train.transformer import lr_factor
 
     constant = TransformerTrainConfig(data="d", out="o", vqvae="v", steps=100, lr=1e-3, warmup=10)
     cosine = TransformerTrainConfig(data="d", out="o", vqvae="v", steps=100, lr=1e-3, warmup=10, min_lr=1e-4)
@@ -179,7 +179,7 @@ def test_a_resumed_run_reuses_its_tokens_unless_the_images_or_vqvae_change(run, 
     import os
     import shutil
 
-    import model.train_transformer as tt
+    import vqdiff.model.train.transformer as tt
 
     train_transformer(_cfg(run, "tok", steps=2), progress=False)
     assert (run[0] / "tok" / "tokens.pt").is_file()
@@ -200,7 +200,7 @@ def test_a_resumed_run_reuses_its_tokens_unless_the_images_or_vqvae_change(run, 
 
 
 def test_budgeted_steps_fit_the_time_left():
-    from model.train_transformer import budgeted_steps
+    from vqdiff.model.train.transformer import budgeted_steps
 
     cfg = TransformerTrainConfig(data="d", out="o", vqvae="v", steps=10_000, time_budget_s=100.0)
     assert budgeted_steps(cfg, 50, elapsed_s=10.0, s_per_step=0.1) == 50 + int(0.95 * 90 / 0.1)
@@ -211,7 +211,7 @@ def test_budgeted_steps_fit_the_time_left():
 
 
 def test_a_time_budget_fixes_the_run_length_and_the_cosine_ends_there(run, monkeypatch):
-    import model.train_transformer as tt
+    import vqdiff.model.train.transformer as tt
 
     monkeypatch.setattr(tt, "PROBE_STEPS", 4)
     # a 4-step probe, then a budget that allows only a few more steps at the measured pace
@@ -245,7 +245,7 @@ def test_cuda_training_draws_the_cpu_batches_and_matches_the_cpu_loss(run, monke
 
 
 def test_a_spent_time_budget_stops_the_run_with_a_saved_model(run, monkeypatch):
-    import model.train_transformer as tt
+    import vqdiff.model.train.transformer as tt
 
     monkeypatch.setattr(tt, "PROBE_STEPS", 10_000)  # no plan: only the hard stop can end this run early
     clock = iter(range(0, 10_000, 1))

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.data import ImageCaptionFolder, read_index, write_folder
-from model.train_vqvae import VQVAETrainConfig, train_vqvae
+from vqdiff.model.train.data import ImageCaptionFolder, read_index, write_folder
+from vqdiff.model.train.vqvae import VQVAETrainConfig, train_vqvae
 
 
 def _images(n: int, size: int = 16, seed: int = 0):
@@ -103,7 +103,7 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_cli_data_shapes_writes_generate_in_order(tmp_path, capsys):
-    from model.shapes import CaptionRates, generate
+    from vqdiff.model.shapes.scenes import CaptionRates, generate
 
     out = tmp_path / "mix"
     for extra in ([], ["--split", "heldout", "--seed", "7", "--start", "5", "--append"]):

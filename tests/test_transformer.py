@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import ithq
-from model.folder import transformer_config_from_diffusers
-from model.transformer import VQDiffusionTransformer
+from vqdiff.model.config import ithq
+from vqdiff.model.io.folder import transformer_config_from_diffusers
+from vqdiff.model.net.transformer import VQDiffusionTransformer
 
 from .conftest import randomize_
 

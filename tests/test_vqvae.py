@@ -1,12 +1,12 @@
-"""model/vqvae.py: parity with diffusers' VQModel (tiny, CPU), ITHQ key/shape layout (meta), gradients."""
+"""model/net/vqvae.py: parity with diffusers' VQModel (tiny, CPU), ITHQ key/shape layout (meta), gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.config import ithq, tiny
-from model.vqvae import VQVAE
+from vqdiff.model.config import ithq, tiny
+from vqdiff.model.net.vqvae import VQVAE
 
 ITHQ_VQVAE_JSON = {  # microsoft/vq-diffusion-ithq vqvae/config.json
     "_class_name": "VQModel",
@@ -221,7 +221,7 @@ def test_restart_codes_moves_only_rarely_used_codes_onto_latents():
 
 
 def test_identical_patch_loss_ties_only_pixel_identical_patches():
-    from model.vqvae import identical_patch_loss
+    from vqdiff.model.net.vqvae import identical_patch_loss
 
     torch.manual_seed(0)
     images = torch.rand(2, 3, 8, 8)  # 2 x 2 patches of 4 x 4: all distinct
@@ -262,7 +262,7 @@ def test_restart_codes_by_error_picks_only_weighted_latents():
 
 
 def test_tokeniser_stats_counts_codes_and_bits_of_plain_patches():
-    from model.evaluate import tokeniser_stats
+    from vqdiff.model.shapes.evaluate import tokeniser_stats
 
     class Fixed:  # a "VQVAE" giving white patches code 0 and every other patch its position + 1
         def eval(self):
@@ -281,7 +281,7 @@ def test_tokeniser_stats_counts_codes_and_bits_of_plain_patches():
 def test_load_vqvae_reads_a_component_folder_as_load_model_does():
     from pathlib import Path
 
-    from model.folder import load_model, load_vqvae
+    from vqdiff.model.io.folder import load_model, load_vqvae
 
     root = Path(__file__).resolve().parents[1] / "models" / "default"
     alone, whole = load_vqvae(root / "vqvae"), load_model(root).vqvae

@@ -30,9 +30,9 @@ if CHROMIUM is None or sync_playwright is None:
         pytest.fail(f"{missing} is not installed; CI must run the browser test", pytrace=False)
     pytest.skip(f"{missing} is not installed", allow_module_level=True)
 
-from model.folder import random_model
-from server.main import serve_async
-from server.settings import Settings
+from vqdiff.model.io.folder import random_model
+from vqdiff.server.main import serve_async
+from vqdiff.server.settings import Settings
 
 TIMEOUT_MS = 10_000
 SLOW = threading.Event()  # while set, every transformer forward takes 50 ms more: a run long enough to stop

@@ -7,11 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.settings import add_flags  # the standard library only: `vqdiff --help` stays instant
+from vqdiff.model.io.default import FEATURES  # the standard library only, as below
+from vqdiff.server.settings import add_flags  # the standard library only: `vqdiff --help` stays instant
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from model.folder import load_model, read_config
+    from vqdiff.model.io.folder import load_model, read_config
 
     cfg = read_config(args.model)
     t = cfg.transformer
@@ -30,16 +31,15 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from model.config import from_name
-    from model.folder import random_model, save_model
-    from model.tokenizer import word_tokenizer
+    from vqdiff.model.config import from_name
+    from vqdiff.model.io.folder import random_model, save_model
+    from vqdiff.model.net.tokenizer import word_tokenizer
 
     words = args.words.split(",") if args.words else []
     model = random_model(from_name(args.preset), word_tokenizer(words), seed=args.seed)
     print(save_model(model, args.out, overwrite=args.overwrite))
 
 
-FEATURES = Path(__file__).resolve().parent.parent / "models" / "features"  # trained by `vqdiff train features`
 
 PARAM_FLAGS = ("guidance_scale", "truncation_rate", "sampler", "steps", "purity_weight", "negative_prompt", "uncond")
 
@@ -59,8 +59,8 @@ def _add_param_args(s: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from model.default import default_model_dir
-    from model.folder import load_model
+    from vqdiff.model.io.default import default_model_dir
+    from vqdiff.model.io.folder import load_model
 
     if args.model is None:
         args.model = default_model_dir()
@@ -69,7 +69,7 @@ def _load(args: argparse.Namespace):
 
 def _params_from_args(args: argparse.Namespace, model):
     """The model folder's defaults, overridden by the flags given."""
-    from model.sampler import request_params
+    from vqdiff.model.sampling.sampler import request_params
 
     given = {k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None}
     return request_params(model, given)
@@ -80,9 +80,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
     from tqdm import tqdm
 
-    from model.params import GenerationParams
-    from model.rng import random_seed
-    from model.sampler import sample
+    from vqdiff.model.sampling.params import GenerationParams
+    from vqdiff.model.sampling.rng import random_seed
+    from vqdiff.model.sampling.sampler import sample
 
     if args.n < 1:
         raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
@@ -110,14 +110,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from PIL import Image
     from tqdm import tqdm
 
-    from model.evaluate import evaluate, grid
+    from vqdiff.model.shapes.evaluate import evaluate, grid
 
     model = _load(args)
     params = _params_from_args(args, model)
     features = None
     feature_dir = args.features or (FEATURES if (FEATURES / "config.json").is_file() else None)
     if feature_dir is not None:
-        from model.features import load_features
+        from vqdiff.model.shapes.features import load_features
 
         features = load_features(feature_dir)
     c = model.config.transformer
@@ -155,7 +155,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     import torch
 
-    from model.folder import load_model, save_model
+    from vqdiff.model.io.folder import load_model, save_model
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if args.dtype not in dtypes:
@@ -163,7 +163,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model = load_model(args.src, variant=args.variant)
     if args.defaults:
         model.generation_defaults = json.loads(args.defaults)
-        from model.params import GenerationParams
+        from vqdiff.model.sampling.params import GenerationParams
 
         GenerationParams.from_dict(model.generation_defaults)  # fail now, not at the next load
     extra = {"provenance": json.loads(args.provenance)} if args.provenance else None
@@ -171,12 +171,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from server.settings import from_args
-    from server.threads import set_wait_policy
+    from vqdiff.server.settings import from_args
+    from vqdiff.server.threads import set_wait_policy
 
     settings = from_args(args)  # bad settings fail here, before torch or the model loads
     set_wait_policy(settings.omp_wait_policy)  # libgomp reads it once, when torch loads it: first
-    from server.main import serve
+    from vqdiff.server.main import serve
 
     serve(settings)
 
@@ -184,8 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_data_shapes(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from model.data import write_folder
-    from model.shapes import CaptionRates, pairs
+    from vqdiff.model.train.data import write_folder
+    from vqdiff.model.shapes.scenes import CaptionRates, pairs
 
     if args.n < 1:
         raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
@@ -205,14 +205,14 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def cmd_train_features(args: argparse.Namespace) -> None:
-    from model.features import train_features
+    from vqdiff.model.shapes.features import train_features
 
     print(train_features(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          progress=not args.quiet))
 
 
 def cmd_train_vqvae(args: argparse.Namespace) -> None:
-    from model.train_vqvae import VQVAETrainConfig, train_vqvae
+    from vqdiff.model.train.vqvae import VQVAETrainConfig, train_vqvae
 
     cfg = VQVAETrainConfig(data=str(args.data), out=str(args.out), preset=args.preset, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
@@ -222,7 +222,7 @@ def cmd_train_vqvae(args: argparse.Namespace) -> None:
 
 
 def cmd_train_transformer(args: argparse.Namespace) -> None:
-    from model.train_transformer import TransformerTrainConfig, train_transformer
+    from vqdiff.model.train.transformer import TransformerTrainConfig, train_transformer
 
     fine_tune = args.what == "null-cond"
     cfg = TransformerTrainConfig(
@@ -237,7 +237,7 @@ def cmd_train_transformer(args: argparse.Namespace) -> None:
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
-    from model.train_clip import CLIPTrainConfig, train_clip
+    from vqdiff.model.train.clip import CLIPTrainConfig, train_clip
 
     swap = tuple(w.strip() for w in args.swap.split(",") if w.strip())
     cfg = CLIPTrainConfig(data=str(args.data), out=str(args.out), preset=args.preset, steps=args.steps,
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="write datasets as image-caption folders").add_subparsers(dest="what", required=True)
-    s = data.add_parser("shapes", help="the procedural shapes dataset (model/shapes.py), deterministic from a seed")
+    s = data.add_parser("shapes", help="the procedural shapes dataset (model/shapes/scenes.py), deterministic from a seed")
     s.add_argument("out", type=Path, help="image-caption folder to write (captions.jsonl + images/)")
     s.add_argument("--n", type=int, required=True, help="images")
     s.add_argument("--start", type=int, default=0, help="first index: images are generate(i) for i in [start, start + n)")
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_train_features)
     s = train.add_parser("vqvae", help="train the VQVAE on an image-caption folder")
-    s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
+    s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/train/data.py)")
     s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, vqvae/")
     s.add_argument("--preset", default="tiny")
     s.add_argument("--steps", type=int, default=2000)
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = train.add_parser(what, help=(
             "fine-tune a trained model with a null condition (the paper's fine-tuning step)" if fine_tune
             else "train the diffusion transformer (and its text encoder) on an image-caption folder"))
-        s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
+        s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/train/data.py)")
         s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, tokens.pt, model/")
         if fine_tune:
             s.add_argument("--model", type=Path, required=True, help="the model folder to fine-tune")
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_train_transformer)
 
     s = train.add_parser("clip", help="pretrain the text encoder contrastively (CLIP) on an image-caption folder")
-    s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/data.py)")
+    s.add_argument("--data", type=Path, required=True, help="image-caption folder (see model/train/data.py)")
     s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, train.log, text_encoder/, tokenizer/")
     s.add_argument("--preset", default="shapes", help="the text encoder's shape and the image size")
     s.add_argument("--steps", type=int, default=3000)

@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from model.diffusion import Schedule, timestep_for_mask_fraction
-from model.params import POSTERIOR_SAMPLERS, SAMPLERS, GenerationParams
-from model.rng import random_seed
-from model.step import POSTERIOR, PURITY, RANDOM, BatchParams, StepOutput, denoise_step
+from vqdiff.model.diffusion import Schedule, timestep_for_mask_fraction
+from vqdiff.model.sampling.params import POSTERIOR_SAMPLERS, SAMPLERS, GenerationParams
+from vqdiff.model.sampling.rng import random_seed
+from vqdiff.model.sampling.step import POSTERIOR, PURITY, RANDOM, BatchParams, StepOutput, denoise_step
 
 KIND = {"purity": PURITY, "random": RANDOM, "posterior": POSTERIOR, "skip": POSTERIOR}
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.config import VQVAEConfig, from_name
-from model.data import ImageCaptionFolder
-from model.folder import save_component, vqvae_config_to_diffusers
-from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
-from model.vqvae import VQVAE, identical_patch_loss
+from vqdiff.model.config import VQVAEConfig, from_name
+from vqdiff.model.train.data import ImageCaptionFolder
+from vqdiff.model.io.folder import save_component, vqvae_config_to_diffusers
+from vqdiff.model.train.common import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
+from vqdiff.model.net.vqvae import VQVAE, identical_patch_loss
 
 
 @dataclass(frozen=True)

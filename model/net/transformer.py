@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import TransformerConfig
+from vqdiff.model.config import TransformerConfig
 
 
 class ImagePositionalEmbeddings(nn.Module):

@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from model.config import DiffusionConfig, ModelConfig, TransformerConfig, VQVAEConfig
-from model.null_cond import NullCondition
-from model.pipeline import VQDiffusion
-from model.text_encoder import TextEncoder, clip_config, text_encoder_config
-from model.tokenizer import load_tokenizer, save_tokenizer
-from model.transformer import VQDiffusionTransformer
-from model.vqvae import VQVAE
+from vqdiff.model.config import DiffusionConfig, ModelConfig, TransformerConfig, VQVAEConfig
+from vqdiff.model.net.null_cond import NullCondition
+from vqdiff.model.net.pipeline import VQDiffusion
+from vqdiff.model.net.text_encoder import TextEncoder, clip_config, text_encoder_config
+from vqdiff.model.net.tokenizer import load_tokenizer, save_tokenizer
+from vqdiff.model.net.transformer import VQDiffusionTransformer
+from vqdiff.model.net.vqvae import VQVAE
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose layout this writes
 NULL = "learned_classifier_free_sampling_embeddings"
@@ -330,7 +330,7 @@ def load_model(
 
 def read_generation_defaults(folder: Path) -> dict:
     """``vqdiff.json``'s ``generation_defaults`` (our addition to the layout; optional), validated."""
-    from model.params import GenerationParams
+    from vqdiff.model.sampling.params import GenerationParams
 
     path = Path(folder) / EXTRA
     if not path.is_file():

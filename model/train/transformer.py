@@ -11,7 +11,7 @@ optionally training only the learnable null.
 What the caption is dropped to (``null_mode``): ``learnable`` (the learnable null condition, Eq. 7),
 ``empty`` (the empty prompt's embedding: "guidance with a null text"), or ``none`` (never dropped).
 
-Resumable like every trainer here (model/training.py); OUT/model/ is a complete model folder,
+Resumable like every trainer here (model/train/common.py); OUT/model/ is a complete model folder,
 rewritten at every checkpoint, so a stopped run still leaves a usable model.
 """
 
@@ -29,15 +29,15 @@ from tqdm import tqdm
 
 from transformers import CLIPTokenizer
 
-from model.config import TextEncoderConfig, from_name
-from model.data import ImageCaptionFolder, read_index
-from model.diffusion import ImportanceSampler, Schedule, q_sample, training_loss
-from model.folder import ModelFolderError, load_into, load_model, load_text_encoder, load_vqvae, random_model, save_model
-from model.null_cond import NullCondition
-from model.pipeline import VQDiffusion
-from model.text_encoder import text_encoder_config
-from model.tokenizer import ALPHABET, word_tokenizer
-from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
+from vqdiff.model.config import TextEncoderConfig, from_name
+from vqdiff.model.train.data import ImageCaptionFolder, read_index
+from vqdiff.model.diffusion import ImportanceSampler, Schedule, q_sample, training_loss
+from vqdiff.model.io.folder import ModelFolderError, load_into, load_model, load_text_encoder, load_vqvae, random_model, save_model
+from vqdiff.model.net.null_cond import NullCondition
+from vqdiff.model.net.pipeline import VQDiffusion
+from vqdiff.model.net.text_encoder import text_encoder_config
+from vqdiff.model.net.tokenizer import ALPHABET, word_tokenizer
+from vqdiff.model.train.common import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
 
 NULL_MODES = ("learnable", "empty", "none")
 

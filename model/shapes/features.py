@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from model import shapes
+from vqdiff.model.shapes import scenes as shapes
 
 DIM = 64
 LABELS = (
@@ -97,7 +97,7 @@ def train_features(out: str | Path, steps: int = 1500, batch_size: int = 64, lr:
     save_file(net.state_dict(), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({
         "dim": DIM, "labels": LABELS, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "data": f"model/shapes.py generate(i, seed={data_seed}), i < {steps * batch_size}",
+        "data": f"model/shapes/scenes.py generate(i, seed={data_seed}), i < {steps * batch_size}",
         "exact_label_accuracy": accuracy, "train_seconds": round(time.time() - t0),
     }, indent=2) + "\n")
     return out

@@ -12,7 +12,7 @@ negatives, as NegCLIP does (Yuksekgonul et al. 2023): each caption that holds a 
 
 OUT/text_encoder and OUT/tokenizer are the model folder's components (diffusers layout);
 ``vqdiff train transformer --text-encoder OUT [--freeze-text]`` builds on them. Resumable like every
-trainer here (model/training.py).
+trainer here (model/train/common.py).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import CLIPTextModel
 
-from model.config import from_name
-from model.data import ImageCaptionFolder, read_index
-from model.folder import save_text_encoder
-from model.text_encoder import TextEncoder, clip_config
-from model.train_transformer import caption_tokenizer
-from model.training import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
+from vqdiff.model.config import from_name
+from vqdiff.model.train.data import ImageCaptionFolder, read_index
+from vqdiff.model.io.folder import save_text_encoder
+from vqdiff.model.net.text_encoder import TextEncoder, clip_config
+from vqdiff.model.train.transformer import caption_tokenizer
+from vqdiff.model.train.common import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
 
 DEFAULT_SWAP = ("left:right", "above:below", "top:bottom")
 

@@ -1,6 +1,6 @@
 """Evaluation on the shapes benchmark: exact prompt fidelity, parse quality, diversity.
 
-Every generated image is read back by the deterministic parser of ``model/shapes.py``; a prompt
+Every generated image is read back by the deterministic parser of ``model/shapes/scenes.py``; a prompt
 is honoured when the image parses cleanly and every stated attribute and relation holds.
 """
 
@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import torch
 
-from model import shapes
+from vqdiff.model.shapes import scenes as shapes
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -110,12 +110,12 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     (distinct outcomes per prompt / samples; only with samples > 1), and the images (uint8) in prompt
     order for a grid; ``failures`` counts why images miss (``failure``) and ``facts`` maps each kind of
     stated fact to (shown, stated) summed over the images with the right object count (``fact_tally``),
-    which says what the model gets wrong. With ``features`` (a ``model.features.FeatureNet``), also ``fd``: the Fréchet
+    which says what the model gets wrong. With ``features`` (a ``vqdiff.model.shapes.features.FeatureNet``), also ``fd``: the Fréchet
     distance between the generated images and one real image drawn for each prompt.
     """
     from dataclasses import replace
 
-    from model.sampler import default_params, sample
+    from vqdiff.model.sampling.sampler import default_params, sample
 
     base = params or default_params(model)
     prompts = shapes.prompt_set(kind, split, n, seed=seed)
@@ -144,7 +144,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
     if features is not None:
-        from model.features import embed, frechet_distance
+        from vqdiff.model.shapes.features import embed, frechet_distance
 
         size = model.config.image_size
         real = np.stack([shapes.render(scene, size) for _, _, scene in shapes.prompt_scenes(kind, split, n, seed=seed)])

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from model.config import TextEncoderConfig
+from vqdiff.model.config import TextEncoderConfig
 
 
 def clip_config(c: TextEncoderConfig, tokenizer: CLIPTokenizer) -> CLIPTextConfig:

@@ -6,7 +6,7 @@ are no per-row Python loops and no host syncs.
 The step is three ops, each the torch reference of a Triton kernel in kernels/ with the same name and
 signature (issue 6): ``guided_purity`` (guidance, log-softmax, truncation, purity), ``select_masked``
 (top-Δz selection) and ``draw_at`` (the token draw at the chosen positions). ``denoise_step`` takes
-them from ``kernels.step_ops``: the kernels on CUDA, these functions elsewhere (``VQDIFF_KERNELS``
+them from ``vqdiff.kernels.step_ops``: the kernels on CUDA, these functions elsewhere (``VQDIFF_KERNELS``
 forces either). The smaller functions they are built from (``guided_log_probs``, ``truncate``,
 ``purity``, ``select_positions``, ``draw_tokens``) are the math, tested on their own.
 
@@ -22,9 +22,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-import kernels
-from model import rng
-from model.diffusion import Schedule, posterior
+from vqdiff import kernels
+from vqdiff.model.sampling import rng
+from vqdiff.model.diffusion import Schedule, posterior
 
 LOG_MIN = -70.0  # the released code's floor for log-probabilities
 
@@ -208,7 +208,7 @@ def denoise_step(
     cond, uncond: (B, N, K) logits; x: (B, N) current tokens (MASK_ID = K). Selection rows (purity,
     random) unmask ``count`` masked positions and freeze the rest; posterior rows draw x_{t-1} from
     the posterior at ``t_eval`` (the original samplers, skip-step included). The three ops come from
-    ``kernels.step_ops``: Triton kernels on CUDA (one read of the logits for purity, the draw reading
+    ``vqdiff.kernels.step_ops``: Triton kernels on CUDA (one read of the logits for purity, the draw reading
     only the chosen positions), this module's references elsewhere; both give the same tokens.
     """
     b, n, k = cond.shape

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.config import ModelConfig
-from model.diffusion import Schedule
-from model.null_cond import NullCondition
-from model.text_encoder import TextEncoder
-from model.transformer import VQDiffusionTransformer
-from model.vqvae import VQVAE
+from vqdiff.model.config import ModelConfig
+from vqdiff.model.diffusion import Schedule
+from vqdiff.model.net.null_cond import NullCondition
+from vqdiff.model.net.text_encoder import TextEncoder
+from vqdiff.model.net.transformer import VQDiffusionTransformer
+from vqdiff.model.net.vqvae import VQVAE
 
 
 class VQDiffusion(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import VQVAEConfig
+from vqdiff.model.config import VQVAEConfig
 
 EPS = 1e-6  # GroupNorm eps everywhere, as in the released checkpoints
 
