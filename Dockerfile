@@ -23,30 +23,32 @@ ARG EXTRAS="kernels"
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    VQDIFF_MODEL=/app/models/default VQDIFF_HOST=0.0.0.0
+    VQDIFF_HOST=0.0.0.0
 WORKDIR /app
 
-# dependencies first: a code change does not reinstall torch
-COPY pyproject.toml README.md ./
+# dependencies first, read from pyproject.toml: a code change does not reinstall torch
+COPY pyproject.toml ./
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels --mount=type=secret,id=ca_bundle \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
-    && mkdir -p model server kernels vqdiff && touch model/__init__.py server/__init__.py kernels/__init__.py vqdiff/__init__.py \
-    && pip install ${PIP_ARGS} ".[${EXTRAS}]" && pip uninstall -y vqdiff \
-    && rm -rf build vqdiff.egg-info model server kernels vqdiff
-# (the stub build must go: setuptools would reuse its empty build/lib/*/__init__.py below)
+    && python -c "import tomllib, sys; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + [d for e in sys.argv[1].split(',') if e for d in p['optional-dependencies'][e]]))" \
+       "${EXTRAS}" > /tmp/requirements.txt \
+    && pip install ${PIP_ARGS} -r /tmp/requirements.txt && rm /tmp/requirements.txt
 
+# the package, with the embedded default model as package data (vqdiff.models)
+COPY README.md ./
 COPY model ./model
 COPY server ./server
 COPY kernels ./kernels
 COPY vqdiff ./vqdiff
 COPY proto ./proto
-# the embedded model, readable by the unprivileged user whatever the modes in the build context
-# (a folder copied in with restrictive modes would otherwise be unreadable by uid 10001)
-RUN --mount=type=bind,source=models/default,target=/tmp/default-model \
-    mkdir -p models && cp -R /tmp/default-model models/default && chmod -R a+rX models/default
+COPY models ./models
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels --mount=type=secret,id=ca_bundle \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
-    && pip install ${PIP_ARGS} --no-deps . && rm -rf build vqdiff.egg-info && useradd --system --uid 10001 vqdiff
+    && pip install ${PIP_ARGS} --no-deps . && rm -rf build vqdiff.egg-info models \
+    && chmod -R a+rX "$(python -c 'import vqdiff, os; print(os.path.dirname(vqdiff.__file__))')" \
+    && useradd --system --uid 10001 vqdiff
+# (chmod: the files keep the build context's modes, which may be unreadable for uid 10001)
 USER vqdiff
 
 EXPOSE 8000 50051
