@@ -4,7 +4,7 @@
 #   deploy/smoke_docker.sh            (as root; safe to rerun: it reuses what exists)
 #
 #  1. starts dockerd if none answers (`--bridge=none --iptables=false`: the only way it runs here),
-#     logging to /tmp/vqdiff-smoke/dockerd.log; installs docker.io first if it is missing
+#     logging to /tmp/vqdiff-smoke/dockerd.log; installs docker.io and debootstrap first if missing
 #  2. builds the local base image if missing (deploy/base-image.sh: no registry is reachable)
 #  3. `docker compose build` with an override file: BASE = the local base image, the local torch
 #     wheel(s) from $PIP_FIND_LINKS copied into .wheels/ and PIP_ARGS="--find-links /wheels", the
@@ -64,12 +64,15 @@ summary() {
 die() { bad "$*"; summary; exit 1; }
 
 # ---- 1. the engine ---------------------------------------------------------------------------
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)  # deploy/base-image.sh builds the base with it
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } \
+        >"$WORK/apt.log" 2>&1 || die "apt-get install ${need[*]} (see $WORK/apt.log)"
+fi
 if ! docker info >/dev/null 2>&1; then
-    if ! command -v dockerd >/dev/null; then
-        log "installing docker.io"
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io; } \
-            >"$WORK/apt.log" 2>&1 || die "apt-get install docker.io (see $WORK/apt.log)"
-    fi
     log "starting dockerd (log: $WORK/dockerd.log)"
     setsid nohup dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 < /dev/null &
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
@@ -170,7 +173,9 @@ if [ -z "$leak" ]; then ok "image holds no local wheels, no CA secret, no build-
 # the installed package must be the source just copied in (not a stale build of the stub packages)
 stale=$(docker run --rm --network none --entrypoint sh "$IMAGE" -c \
     'sp=$(cd / && python -c "import sysconfig; print(sysconfig.get_paths()[\"purelib\"])") && cd /app &&
-     n=0; for f in $(find model server kernels vqdiff -name "*.py"); do n=$((n+1)); cmp -s "$f" "$sp/$f" || echo "$f"; done;
+     n=0; for f in $(find model server kernels vqdiff -name "*.py"); do
+         n=$((n+1)); case "$f" in vqdiff/*) to="$sp/$f";; *) to="$sp/vqdiff/$f";; esac  # vqdiff.model = model/, ...
+         cmp -s "$f" "$to" || echo "$f"; done;
      echo "checked $n"' 2>&1)
 if [ "$(echo "$stale" | wc -l)" = 1 ] && [ "${stale#checked }" != "$stale" ]; then
     ok "installed package = source (${stale} files)"
@@ -179,7 +184,7 @@ else
 fi
 # the unprivileged user must read the embedded model
 unreadable=$(docker run --rm --network none --entrypoint sh "$IMAGE" -c \
-    'id -u; find /app/models/default ! -readable 2>&1 | head -5')
+    'id -u; find "$(python -c "import vqdiff.model.io.default as d; print(d.EMBEDDED)")" ! -readable 2>&1 | head -5')
 if [ "$(echo "$unreadable" | head -1)" != 0 ] && [ "$(echo "$unreadable" | wc -l)" = 1 ]; then
     ok "runs as uid $(echo "$unreadable" | head -1); the embedded model is readable"
 else
