@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vqdiff.model.sampling.params import SEED_MAX
 from vqdiff.model.sampling.rng import random_seed
 from vqdiff.model.sampling.sampler import RequestState, advance, batch_text_kv, start
+from vqdiff.server.api import image_seed
 from vqdiff.server.images import decode_pngs, preview_tokens
 from vqdiff.server.metrics import Metrics
 from vqdiff.server.request import Event, Failure, Progress, Request, Result, Status, Timings
@@ -211,7 +211,7 @@ class Engine:
         while groups:
             group = groups.pop()
             prompts = [r.prompt for r in group for _ in range(r.n)]
-            params = [replace(r.params, seed=(r.params.seed + i) % (SEED_MAX + 1)) for r in group for i in range(r.n)]
+            params = [replace(r.params, seed=image_seed(r.params.seed, i)) for r in group for i in range(r.n)]
             try:
                 states = start(self.model, prompts, params)
             except Exception as e:
@@ -325,7 +325,7 @@ class Engine:
         timings = Timings(
             queue_ms=1000 * (r.admitted_at - r.arrival), denoise_ms=1000 * (r.denoised_at - r.admitted_at),
             decode_ms=1000 * decode_s, total_ms=1000 * (now - r.arrival))
-        seeds = tuple((r.params.seed + i) % (SEED_MAX + 1) for i in range(r.n))
+        seeds = tuple(image_seed(r.params.seed, i) for i in range(r.n))
         self.metrics.count("success")
         self.metrics.label(self.metrics.images).inc(r.n)
         self.metrics.label(self.metrics.latency).observe(now - r.arrival)

@@ -13,7 +13,6 @@ counts as ``outcome="cancelled"``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 import grpc
@@ -21,11 +20,12 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vqdiff.model.sampling.params import SAMPLERS, SEED_MAX, UNCONDS, GenerationParams
+from vqdiff.model.sampling.params import SAMPLERS, UNCONDS, GenerationParams
 from vqdiff.model.sampling.sampler import request_params
 from vqdiff.server.aio import ApiEventStream
+from vqdiff.server.api import PARAM_NAMES, image_seed, preview_interval, require_key, timings_dict
 from vqdiff.server.engine import Engine
-from vqdiff.server.errors import ApiError, from_failure, invalid, unauthenticated
+from vqdiff.server.errors import ApiError, from_failure, invalid
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from vqdiff.server.request import Failure, Progress, Request, Result
@@ -34,8 +34,9 @@ from vqdiff.server.settings import Settings
 log = logging.getLogger("vqdiff.grpc")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageGeneration"].full_name  # "vqdiff.v1.ImageGeneration"
+ENUM_PARAMS = ("sampler", "uncond")  # proto enums, translated by name; UNSPECIFIED keeps the default
 # optional proto fields that map 1:1 onto GenerationParams fields of the same name
-SCALAR_PARAMS = ("negative_prompt", "seed", "steps", "guidance_scale", "truncation_rate", "purity_weight")
+SCALAR_PARAMS = tuple(name for name in PARAM_NAMES if name not in ENUM_PARAMS)
 
 
 def _enum_names(enum, prefix: str, allowed: tuple[str, ...]) -> dict[int, str]:
@@ -77,9 +78,8 @@ def to_params(msg: pb.GenerateRequest, model) -> GenerationParams:
 def to_request(msg: pb.GenerateRequest, model, settings: Settings, stream: bool,
                timeout_s: float | None) -> Request:
     params = to_params(msg, model)
-    preview = 0  # previews only travel on streams
-    if stream:
-        preview = msg.preview_every if msg.HasField("preview_every") else settings.preview_every or max(1, params.steps // 8)
+    requested = msg.preview_every if msg.HasField("preview_every") else None
+    preview = preview_interval(requested, settings, params.steps) if stream else 0  # previews only travel on streams
     return Request(prompt=msg.prompt, params=params, n=msg.n if msg.HasField("n") else 1, preview_every=preview,
                    timeout_s=timeout_s)
 
@@ -92,10 +92,9 @@ def params_pb(p: GenerationParams) -> pb.GenerationParams:
 
 
 def response_pb(req_id: str, r: Result) -> pb.GenerateResponse:
-    t = r.timings
     return pb.GenerateResponse(
         id=req_id, seed=r.seeds[0], images=[pb.Image(png=png, seed=s) for png, s in zip(r.images, r.seeds)],
-        timings=pb.Timings(queue_ms=t.queue_ms, denoise_ms=t.denoise_ms, decode_ms=t.decode_ms, total_ms=t.total_ms),
+        timings=pb.Timings(**timings_dict(r.timings)),
         params=params_pb(r.params))
 
 
@@ -150,7 +149,7 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
         try:
             req = self._request(msg, context, stream=True)
             async with ApiEventStream(self.engine, req) as events:
-                seeds = [(req.params.seed + i) % (SEED_MAX + 1) for i in range(req.n)]  # resolved by submit
+                seeds = [image_seed(req.params.seed, i) for i in range(req.n)]  # resolved by submit
                 while True:
                     event = await events.next()
                     if isinstance(event, Progress):
@@ -172,12 +171,8 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
         return to_request(msg, self.engine.model, self.settings, stream, timeout_s=context.time_remaining())
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.settings.api_keys:
-            return
-        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.settings.api_keys):
-            raise unauthenticated()
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        require_key(header, self.settings.api_keys)
 
     async def _abort(self, context: grpc.aio.ServicerContext, e: ApiError) -> None:
         if not e.counted and e.grpc_code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):

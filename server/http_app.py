@@ -3,7 +3,6 @@ and serialise; every error leaves as ``{"error": {message, type, param, code}}``
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from pathlib import Path
@@ -16,9 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vqdiff.model.sampling.sampler import default_params, request_params
 from vqdiff.server.aio import ApiEventStream
+from vqdiff.server.api import preview_interval, require_key
 from vqdiff.server.docs import add_docs
 from vqdiff.server.engine import Engine
-from vqdiff.server.errors import ApiError, bad_body, from_failure, invalid, unauthenticated, unavailable
+from vqdiff.server.errors import ApiError, bad_body, from_failure, invalid, unavailable
 from vqdiff.server.request import Failure, Progress, Request, Result
 from vqdiff.server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
@@ -71,12 +71,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     async def authorize(request: HttpRequest) -> None:
-        if not settings.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in settings.api_keys):
-            raise unauthenticated()
+        require_key(request.headers.get("authorization"), settings.api_keys)
 
     # -- probes, metrics, models, the page -----------------------------------------------------------
 
@@ -112,9 +107,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
             raise invalid(str(e)) from None
         if body.preview_every is not None and body.preview_every < 0:
             raise invalid(f"preview_every: {body.preview_every} is not allowed; expected an integer >= 0")
-        preview = 0
-        if body.stream:
-            preview = body.preview_every if body.preview_every is not None else settings.preview_every or max(1, params.steps // 8)
+        preview = preview_interval(body.preview_every, settings, params.steps) if body.stream else 0
         return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview)
 
     async def run(http: HttpRequest, req: Request) -> Result:

@@ -1,4 +1,5 @@
-"""Tokens to PNG bytes: one VQVAE decode for a whole group of grids, then one PNG per image."""
+"""Tokens to PNG bytes: one VQVAE decode for a whole group of grids, then one PNG per image; ``to_uint8``
+is the one conversion of [0, 1] images to 8-bit pixels (the CLI saves its PNGs with it too)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ from PIL import Image
 from torch import Tensor
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """(B, 3, H, W) or (3, H, W) in [0, 1] -> (B, H, W, 3) or (H, W, 3) uint8 on the CPU: x * 255,
+    rounded half to even, clamped to [0, 255]."""
+    return (images.movedim(-3, -1) * 255).round().clamp(0, 255).to("cpu", torch.uint8)
+
+
 def png_bytes(image: Tensor) -> bytes:
     """(3, H, W) in [0, 1] -> PNG."""
-    arr = (image.permute(1, 2, 0) * 255).round().clamp(0, 255).to("cpu", torch.uint8).numpy()  # (H, W, 3)
+    arr = to_uint8(image).numpy()  # (H, W, 3)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()

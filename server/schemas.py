@@ -8,11 +8,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from vqdiff.server.api import PARAM_NAMES, timings_dict
 from vqdiff.server.request import Result
 
 Number = StrictFloat | StrictInt
-
-PARAM_FIELDS = ("steps", "guidance_scale", "truncation_rate", "sampler", "purity_weight", "seed", "uncond")
 
 
 class GenerateRequest(BaseModel):
@@ -33,10 +32,7 @@ class GenerateRequest(BaseModel):
 
     def given(self) -> dict:
         """The generation parameters this request set (``vqdiff.model.sampling.sampler.request_params`` fills the rest)."""
-        given = {k: getattr(self, k) for k in PARAM_FIELDS if getattr(self, k) is not None}
-        if self.negative_prompt is not None:
-            given["negative_prompt"] = self.negative_prompt
-        return given
+        return {k: getattr(self, k) for k in PARAM_NAMES if getattr(self, k) is not None}
 
 
 class Image(BaseModel):
@@ -59,10 +55,9 @@ class GenerateResponse(BaseModel):
 
     @classmethod
     def of(cls, req_id: str, result: Result) -> GenerateResponse:
-        t = result.timings
         return cls(
             id=req_id, seed=result.seeds[0], images=[Image(b64_json=b64(p)) for p in result.images],
-            timings=TimingsOut(queue_ms=t.queue_ms, denoise_ms=t.denoise_ms, decode_ms=t.decode_ms, total_ms=t.total_ms),
+            timings=TimingsOut(**timings_dict(result.timings)),
             params=result.params.to_dict())
 
 

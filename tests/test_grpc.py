@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from vqdiff.server.images import decode_pngs
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from vqdiff.server.settings import Settings
+from tests.serving import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle above a blue square"
@@ -52,12 +52,6 @@ def tiny_model(tokenizer, tiny_config):
         m.transformer.out.weight.mul_(40.0)
         m.null_cond.embeddings.normal_()
     return m
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -33,15 +32,10 @@ if CHROMIUM is None or sync_playwright is None:
 from vqdiff.model.io.folder import random_model
 from vqdiff.server.main import serve_async
 from vqdiff.server.settings import Settings
+from tests.serving import free_port
 
 TIMEOUT_MS = 10_000
 SLOW = threading.Event()  # while set, every transformer forward takes 50 ms more: a run long enough to stop
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def server(tokenizer, tiny_config):
         model.transformer.out.weight.mul_(40.0)
         model.null_cond.embeddings.normal_()
     model.transformer.register_forward_pre_hook(lambda *_: time.sleep(0.05) if SLOW.is_set() else None)
-    settings = Settings(host="127.0.0.1", http_port=_free_port(), grpc_port=0, grace_s=1.0)
+    settings = Settings(host="127.0.0.1", http_port=free_port(), grpc_port=0, grace_s=1.0)
     loop = asyncio.new_event_loop()
     started, stop = asyncio.Event(), asyncio.Event()
     ready = threading.Event()  # set once serving, or once serve_async has failed
