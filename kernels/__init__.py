@@ -1,4 +1,4 @@
-"""Triton kernels for the sampling step (issue 6), and the one switch that picks them.
+"""Triton kernels for the sampling step: whether they can run here, and the ops themselves.
 
 The step has three ops, each a set of a torch reference in ``model/sampling/step.py`` and a kernel here with the
 same name and signature:
@@ -9,24 +9,24 @@ same name and signature:
 
 with the shared parts beside them: kernels/rng.py (model/sampling/rng.py's hash in Triton), kernels/truncate.py
 (truncation by bisection, no sort), kernels/precise.py (exp/log as accurate as torch's),
-kernels/checks.py (what the launchers check).
+kernels/checks.py (what the launchers check), kernels/constants.py (the numbers the references share with the
+kernels: LOG_MIN, the hash's constants, the streams).
 
-``step_ops(device)`` returns the module whose ops the step uses: the kernels on CUDA (when triton is
-installed), the references elsewhere. ``VQDIFF_KERNELS`` forces either: ``triton``, ``torch`` or
-``auto`` (the default). This file never imports triton: importing ``vqdiff.model.sampling.step`` must stay cheap and
-must not fix triton's mode (``TRITON_INTERPRET`` is read when the ``@triton.jit`` decorators run).
+kernels/ is a leaf: it imports nothing of ``vqdiff.model`` or ``vqdiff.server``. Which ops a step uses (the
+``VQDIFF_KERNELS`` switch) is decided by the caller, ``vqdiff.model.sampling.step.step_ops``. The kernel ops are
+``vqdiff.kernels.ops`` (also reachable as ``vqdiff.kernels.guided_purity`` and so on, imported on first use).
+This file never imports triton: importing ``vqdiff.kernels`` must stay cheap and must not fix triton's mode
+(``TRITON_INTERPRET`` is read when the ``@triton.jit`` decorators run).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from functools import cache
-from types import ModuleType
 
-import torch
-
-MODES = ("auto", "triton", "torch")
+OPS = ("guided_purity", "select_masked", "draw_at")
 
 
 @cache
@@ -39,32 +39,13 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(device: torch.device | str) -> bool:
-    """The switch: ``VQDIFF_KERNELS`` (auto | triton | torch) for tensors on ``device``."""
-    mode = os.environ.get("VQDIFF_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"VQDIFF_KERNELS: {mode!r} is not allowed; expected one of {', '.join(MODES)}")
-    on_cuda = torch.device(device).type == "cuda"
-    if mode == "torch":
-        return False
-    if mode == "auto":
-        return on_cuda and triton_installed()
-    if not triton_installed():
-        raise ValueError("VQDIFF_KERNELS=triton: triton is not installed (pip install 'vqdiff[kernels]')")
-    if not on_cuda and not interpreted():
-        raise ValueError(
-            f"VQDIFF_KERNELS=triton: tensors are on {torch.device(device)}; the kernels need CUDA, "
-            "or TRITON_INTERPRET=1 (set before the kernels are imported) to run on the CPU"
-        )
-    return True
+def usable(device_type: str) -> bool:
+    """Whether the kernels can run on tensors of this device type (``"cuda"``, ``"cpu"``): triton is
+    installed, and the device is CUDA or triton interprets kernels on the CPU."""
+    return triton_installed() and (device_type == "cuda" or interpreted())
 
 
-def step_ops(device: torch.device | str) -> ModuleType:
-    """The module providing ``guided_purity``, ``select_masked`` and ``draw_at`` for ``device``."""
-    if use_triton(device):
-        from vqdiff.kernels import ops  # imports triton: only here
-
-        return ops
-    import vqdiff.model.sampling.step as reference
-
-    return reference
+def __getattr__(name: str):
+    if name in OPS:  # imports triton: only here
+        return getattr(importlib.import_module("vqdiff.kernels.ops"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

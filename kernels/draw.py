@@ -20,11 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqdiff.kernels import rng
+from vqdiff.kernels import constants, rng
 from vqdiff.kernels.checks import check_logits, check_tensor
 from vqdiff.kernels.guided import LOG_MIN, guided_log_probs, row_blocks
 from vqdiff.kernels.truncate import kept
-from vqdiff.model.sampling import rng as _model_rng
 
 MAX_N = 16384  # one row's chosen flags live in registers: one block of next_power_of_2(N)
 DRAW_WARPS = 8  # warps of a program drawing one position of K >= 2048 classes
@@ -94,7 +93,7 @@ def draw_at(
     warps = DRAW_WARPS if k >= 2048 else 4
     _draw_kernel[(b, m)](
         cond, uncond, guidance_scale, truncation_rate, sharpen, chosen.view(torch.uint8), seed, step, out, n, k,
-        STREAM=_model_rng.TOKEN, BLOCK_N=block_n, BLOCK_K=block_k, TRUNCATE=truncates, PRECISE=not INTERPRETED,
+        STREAM=constants.TOKEN, BLOCK_N=block_n, BLOCK_K=block_k, TRUNCATE=truncates, PRECISE=not INTERPRETED,
         num_warps=warps, enable_fp_fusion=False,
     )
     return out

@@ -21,12 +21,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqdiff.kernels import precise
+from vqdiff.kernels import constants, precise
 from vqdiff.kernels.checks import check_logits, check_tensor
 from vqdiff.kernels.truncate import kept
-from vqdiff.model.sampling.step import LOG_MIN as _LOG_MIN
 
-LOG_MIN = tl.constexpr(_LOG_MIN)
+LOG_MIN = tl.constexpr(constants.LOG_MIN)
 MAX_K = 16384  # one position's classes live in registers: one block of next_power_of_2(K)
 
 

@@ -18,9 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vqdiff.kernels import precise, rng
+from vqdiff.kernels import constants, precise, rng
 from vqdiff.kernels.checks import check_tensor
-from vqdiff.model.sampling import rng as _model_rng
 
 
 @triton.jit
@@ -74,6 +73,6 @@ def select_masked(score: Tensor, masked: Tensor, count: Tensor, seed: Tensor, st
     block_j = 64 if INTERPRETED else 32
     _select_kernel[(b, triton.cdiv(n, block_i))](
         score, masked.view(torch.uint8), count, seed, step, chosen.view(torch.uint8), n,
-        STREAM=_model_rng.SELECT, BLOCK_I=block_i, BLOCK_J=block_j, PRECISE=not INTERPRETED, num_warps=4,
+        STREAM=constants.SELECT, BLOCK_I=block_i, BLOCK_J=block_j, PRECISE=not INTERPRETED, num_warps=4,
     )
     return chosen

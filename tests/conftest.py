@@ -12,7 +12,8 @@ import torch
 
 # Without CUDA the Triton kernels run under the interpreter. TRITON_INTERPRET must be set before
 # anything imports triton (torch._dynamo does, through vqdiff.model.io.folder), so it is set here, first; the
-# dispatch in kernels/ still picks the torch references on a CPU (tests/test_kernels.py forces kernels).
+# switch (step_ops in model/sampling/step.py) still picks the torch references on a CPU (tests/test_kernels.py
+# forces kernels).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

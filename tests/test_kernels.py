@@ -1,12 +1,17 @@
-"""The sampling-step kernels (kernels/, issue 6) against their torch references (model/sampling/step.py).
+"""The sampling-step kernels (kernels/) against their torch references (model/sampling/step.py).
 
 Without CUDA the kernels run on the CPU under triton's interpreter. ``TRITON_INTERPRET=1`` must be set
 before triton itself is first imported (triton's own ``@jit`` helpers, which ``tl.max`` and friends
 call, are decorated then) and stay set while kernels launch. So this module sets it before importing
 anything of triton, keeps it set only while its own tests run (the ``_interpreter`` fixture) and
-restores it otherwise. If triton was imported earlier in this process (``torch._dynamo`` imports it,
-and ``vqdiff.model.io.folder`` imports that), the in-process tests are skipped and ``test_in_a_fresh_process``
-runs this file again in a fresh interpreter process instead.
+restores it otherwise. tests/conftest.py sets it first of all on a host without CUDA, so in a suite run
+triton is imported with the interpreter on and these tests run in this process. Only where triton was
+imported earlier with it off (``torch._dynamo`` imports triton, and ``vqdiff.model.io.folder`` imports
+that; e.g. a run with ``TRITON_INTERPRET=0`` given) are the in-process tests skipped, and then, only then,
+``test_in_a_fresh_process`` exists and runs this file again in a fresh interpreter process.
+
+kernels/ is a leaf: ``test_kernels_import_and_run_without_model_or_server`` imports it and runs a kernel in a
+process where ``vqdiff.model`` and ``vqdiff.server`` cannot be imported.
 
 With CUDA the same tests run the compiled kernels on the GPU against the references on the GPU; the
 ones marked ``gpu`` (ITHQ-sized) run only there.
@@ -84,14 +89,14 @@ def _interpreter():
     _restore_env()
 
 
-def test_in_a_fresh_process():
-    """When triton was imported before this module (a whole-suite run), run this file on its own."""
-    if IN_PROCESS:
-        pytest.skip("the tests of this module run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+if not IN_PROCESS:  # otherwise the very tests it would run again run here
+
+    def test_in_a_fresh_process():
+        """Triton was imported with its interpreter off before this module: run this file on its own."""
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def logits(b: int, n: int, k: int, dtype: torch.dtype, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,24 +129,84 @@ def test_each_kernel_has_the_signature_of_its_reference():
 @in_process
 def test_switch(monkeypatch):
     monkeypatch.setenv("VQDIFF_KERNELS", "torch")
-    assert kernels.step_ops("cpu") is ref and kernels.step_ops("cuda") is ref
+    assert ref.step_ops("cpu") is ref and ref.step_ops("cuda") is ref
     monkeypatch.setenv("VQDIFF_KERNELS", "auto")
-    assert kernels.step_ops("cpu") is ref
-    assert kernels.step_ops("cuda") is ops  # triton is installed here
+    assert ref.step_ops("cpu") is ref
+    assert ref.step_ops("cuda") is ops  # triton is installed here
     monkeypatch.setenv("VQDIFF_KERNELS", "triton")
-    assert kernels.step_ops(DEVICE) is ops
+    assert ref.step_ops(DEVICE) is ops
+    assert kernels.usable("cuda") and kernels.usable(DEVICE)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not kernels.usable("cpu")
     with pytest.raises(ValueError, match="VQDIFF_KERNELS=triton: tensors are on cpu"):
-        kernels.step_ops("cpu")
+        ref.step_ops("cpu")
     monkeypatch.setenv("VQDIFF_KERNELS", "cuda")
     with pytest.raises(ValueError, match="VQDIFF_KERNELS: 'cuda' is not allowed; expected one of auto, triton, torch"):
-        kernels.step_ops("cpu")
+        ref.step_ops("cpu")
+
+
+@in_process
+def test_the_package_exposes_the_kernel_ops():
+    for name in ("guided_purity", "select_masked", "draw_at"):
+        assert getattr(kernels, name) is getattr(ops, name), name
+    with pytest.raises(AttributeError):
+        _ = kernels.denoise_step  # the step is the caller's, not the kernels'
 
 
 def test_importing_the_step_does_not_import_triton():
     code = "import sys, vqdiff.model.sampling.step, vqdiff.model.sampling.sampler, vqdiff.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# Run in a fresh interpreter where vqdiff.model and vqdiff.server cannot be imported: every module of
+# kernels/ imports, and the guided kernel (interpreted) agrees with a torch reference computed here.
+LEAF = r"""
+import importlib, importlib.abc, pkgutil, sys
+
+BLOCKED = ("vqdiff.model", "vqdiff.server")
+
+
+def blocked(name):
+    return any(name == b or name.startswith(b + ".") for b in BLOCKED)
+
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if blocked(name):
+            raise ImportError(f"kernels/ imported {name}")
+        return None
+
+
+sys.meta_path.insert(0, Refuse())
+import torch
+
+import vqdiff.kernels as kernels
+
+for m in pkgutil.iter_modules(kernels.__path__):
+    importlib.import_module("vqdiff.kernels." + m.name)
+from vqdiff.kernels import constants, guided, ops
+
+assert guided.INTERPRETED  # the kernels run on these CPU tensors under the interpreter
+g = torch.Generator().manual_seed(0)
+b, n, k = 2, 5, 37
+cond = torch.randn(b, n, k, generator=g) * 4
+uncond = torch.randn(b, n, k, generator=g) * 4
+scale = torch.tensor([1.0, 3.5])
+pur, log_p = ops.guided_purity(cond, uncond, scale, torch.ones(b), True, False)
+want = torch.log_softmax(uncond + scale.view(-1, 1, 1) * (cond - uncond), -1).clamp(constants.LOG_MIN, 0.0)
+torch.testing.assert_close(log_p, want, rtol=1e-6, atol=1e-5)
+torch.testing.assert_close(pur, want.max(-1).values.exp(), rtol=5e-6, atol=1e-7)
+assert not [m for m in sys.modules if blocked(m)]
+print("kernels ran alone")
+"""
+
+
+def test_kernels_import_and_run_without_model_or_server():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", LEAF], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "kernels ran alone" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 (seed, step, stream, position, class).
 
 No generator state is kept anywhere, so a request's noise never depends on its place in a batch or
-on its neighbours, and a Triton kernel can compute the very same bits (issue 6). The hash is
+on its neighbours, and a Triton kernel (kernels/rng.py) can compute the very same bits. The hash is
 "lowbias32" (two multiply-xorshift rounds on 32-bit words), chained over the counters; it is done in
-int64 tensor ops masked to 32 bits, which wrap exactly as uint32 arithmetic does.
+int64 tensor ops masked to 32 bits, which wrap exactly as uint32 arithmetic does. Its constants, the
+stream numbers and the uniforms' grid are those of kernels/constants.py, shared with the kernels.
 """
 
 from __future__ import annotations
@@ -12,21 +13,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-M32 = 0xFFFFFFFF
-
-# Streams: independent random numbers for the different draws of one step.
-SELECT = 0  # which masked positions to unmask (purity / random samplers)
-TOKEN = 1  # which token to draw at a position
-POSTERIOR = 2  # the posterior draw of the original samplers
+from vqdiff.kernels.constants import (  # SELECT, TOKEN, POSTERIOR: the streams of one step
+    M32,
+    MIX32_M1,
+    MIX32_M2,
+    MIX32_S1,
+    MIX32_S2,
+    MIX32_S3,
+    POSTERIOR,
+    SELECT,
+    STREAMS_PER_STEP,
+    TOKEN,
+    UNIFORM_SCALE,
+    UNIFORM_SHIFT,
+)
 
 
 def mix32(x: Tensor) -> Tensor:
     """A bijective 32-bit integer hash; x holds values in [0, 2^32) as int64."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & M32
-    return x ^ (x >> 16)
+    x = x ^ (x >> MIX32_S1)
+    x = (x * MIX32_M1) & M32
+    x = x ^ (x >> MIX32_S2)
+    x = (x * MIX32_M2) & M32
+    return x ^ (x >> MIX32_S3)
 
 
 def uniform(seed: Tensor, step: Tensor, stream: int, num_positions: int, num_classes: int | None = None) -> Tensor:
@@ -58,12 +67,12 @@ def _row_state(seed: Tensor, step: Tensor, stream: int) -> Tensor:
     seed = seed.view(-1, 1, 1)
     h = mix32(seed & M32)
     h = mix32(h ^ ((seed >> 32) & M32))
-    return mix32((h + (step.view(-1, 1, 1) * 4 + stream)) & M32)
+    return mix32((h + (step.view(-1, 1, 1) * STREAMS_PER_STEP + stream)) & M32)
 
 
 def _uniform(h: Tensor, index: Tensor) -> Tensor:
     x = mix32(mix32((h + index) & M32) ^ h)
-    return ((x >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)  # in [2^-24, 1 - 2^-24]
+    return ((x >> UNIFORM_SHIFT).to(torch.float32) + 0.5) * UNIFORM_SCALE  # in [2^-24, 1 - 2^-24]
 
 
 def gumbel(u: Tensor) -> Tensor:

@@ -4,10 +4,10 @@ Every function is vectorised over B rows, each with its own parameters and its o
 are no per-row Python loops and no host syncs.
 
 The step is three ops, each the torch reference of a Triton kernel in kernels/ with the same name and
-signature (issue 6): ``guided_purity`` (guidance, log-softmax, truncation, purity), ``select_masked``
+signature: ``guided_purity`` (guidance, log-softmax, truncation, purity), ``select_masked``
 (top-Δz selection) and ``draw_at`` (the token draw at the chosen positions). ``denoise_step`` takes
-them from ``vqdiff.kernels.step_ops``: the kernels on CUDA, these functions elsewhere (``VQDIFF_KERNELS``
-forces either). The smaller functions they are built from (``guided_log_probs``, ``truncate``,
+them from ``step_ops`` (the switch, here): the kernels on CUDA, these functions elsewhere
+(``VQDIFF_KERNELS`` forces either). The smaller functions they are built from (``guided_log_probs``, ``truncate``,
 ``purity``, ``select_positions``, ``draw_tokens``) are the math, tested on their own.
 
 Layout: logits and log-probs are (B, N, K), classes last; tokens are (B, N) with MASK_ID = K.
@@ -15,18 +15,22 @@ Layout: logits and log-probs are (B, N, K), classes last; tokens are (B, N) with
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from vqdiff import kernels
+from vqdiff import kernels  # never imports triton; kernels.ops does
+from vqdiff.kernels.constants import LOG_MIN  # the released code's floor for log-probabilities
 from vqdiff.model.sampling import rng
 from vqdiff.model.diffusion import Schedule, posterior
 
-LOG_MIN = -70.0  # the released code's floor for log-probabilities
+KERNEL_MODES = ("auto", "triton", "torch")  # VQDIFF_KERNELS
 
 # Per-row sampler kinds (BatchParams.kind)
 PURITY, RANDOM, POSTERIOR = 0, 1, 2
@@ -184,6 +188,42 @@ def draw_at(
 
 
 # ---------------------------------------------------------------------------------------------
+# The switch: which module's three ops a step uses
+
+
+def use_triton(device: torch.device | str) -> bool:
+    """``VQDIFF_KERNELS`` (auto | triton | torch) for tensors on ``device``: auto takes the kernels on
+    CUDA when triton is installed, the references elsewhere; triton and torch force either (triton
+    raises where the kernels cannot run: no triton, or a CPU without ``TRITON_INTERPRET=1``)."""
+    mode = os.environ.get("VQDIFF_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"VQDIFF_KERNELS: {mode!r} is not allowed; expected one of {', '.join(KERNEL_MODES)}")
+    device = torch.device(device)
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return device.type == "cuda" and kernels.triton_installed()
+    if not kernels.triton_installed():
+        raise ValueError("VQDIFF_KERNELS=triton: triton is not installed (pip install 'vqdiff[kernels]')")
+    if not kernels.usable(device.type):
+        raise ValueError(
+            f"VQDIFF_KERNELS=triton: tensors are on {device}; the kernels need CUDA, "
+            "or TRITON_INTERPRET=1 (set before the kernels are imported) to run on the CPU"
+        )
+    return True
+
+
+def step_ops(device: torch.device | str) -> ModuleType:
+    """The module providing ``guided_purity``, ``select_masked`` and ``draw_at`` for ``device``:
+    ``vqdiff.kernels.ops`` or this module (``use_triton``)."""
+    if use_triton(device):
+        from vqdiff.kernels import ops  # imports triton: only here
+
+        return ops
+    return sys.modules[__name__]
+
+
+# ---------------------------------------------------------------------------------------------
 # The step
 
 
@@ -208,11 +248,11 @@ def denoise_step(
     cond, uncond: (B, N, K) logits; x: (B, N) current tokens (MASK_ID = K). Selection rows (purity,
     random) unmask ``count`` masked positions and freeze the rest; posterior rows draw x_{t-1} from
     the posterior at ``t_eval`` (the original samplers, skip-step included). The three ops come from
-    ``vqdiff.kernels.step_ops``: Triton kernels on CUDA (one read of the logits for purity, the draw reading
+    ``step_ops``: Triton kernels on CUDA (one read of the logits for purity, the draw reading
     only the chosen positions), this module's references elsewhere; both give the same tokens.
     """
     b, n, k = cond.shape
-    ops = kernels.step_ops(cond.device)  # the Triton kernels on CUDA, this module's references elsewhere
+    ops = step_ops(cond.device)  # the Triton kernels on CUDA, this module's references elsewhere
     cond, uncond, x = cond.contiguous(), uncond.contiguous(), x.contiguous()  # the kernels' layout; no-ops here
     guide = (cond, uncond, p.guidance_scale, p.truncation_rate)
     pur, log_p = ops.guided_purity(*guide, POSTERIOR in p.kinds, p.truncates)  # (B, N), (B, N, K) or None
