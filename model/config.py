@@ -3,7 +3,7 @@
 Every model folder carries these (as diffusers-style ``config.json`` files, see
 ``model/io/folder.py``); nothing in the model reads a config from anywhere else.
 The ``ithq`` preset has the exact dimensions of Microsoft's released ITHQ model
-(REFERENCE.md section 5); ``tiny`` is for tests.
+(docs/DESIGN.md, section 7: Released models); ``tiny`` is for tests.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ class ModelConfig:
 
 
 def ithq() -> ModelConfig:
-    """Microsoft's ITHQ model (REFERENCE.md sections 5 and 6)."""
+    """Microsoft's ITHQ model (docs/DESIGN.md, sections 7 and 8: Released models; the diffusers
+    folder layout)."""
     return ModelConfig(
         name="ithq",
         transformer=TransformerConfig(
@@ -176,9 +177,9 @@ def tiny() -> ModelConfig:
 
 
 def shapes() -> ModelConfig:
-    """The embedded default model's shape (issue 4, in training): 32x32 images of the procedural
-    shapes dataset (model/shapes/scenes.py), 8x8 tokens. Sized to train on 2 CPU cores and to ship in
-    under 30 MB (fp16 on disk): transformer ~6 M parameters, text encoder ~1.4 M, VQVAE ~2.5 M."""
+    """The embedded default model's shape: 32x32 images of the procedural shapes dataset
+    (model/shapes/scenes.py), 8x8 tokens. Sized to train on 2 CPU cores and to ship in under 30 MB
+    (fp16 on disk): transformer ~6 M parameters, text encoder ~1.4 M, VQVAE ~2.5 M."""
     k = 512
     return ModelConfig(
         name="shapes",
@@ -196,7 +197,7 @@ def shapes() -> ModelConfig:
         ),
         text_encoder=TextEncoderConfig(
             vocab_size=512, hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=3,
-            max_length=32,  # captions are at most ~20 tokens; 32 positions cut the text cost 2.4x
+            max_length=32,  # captions are at most ~20 tokens; 32 text positions instead of CLIP's 77
         ),
         diffusion=DiffusionConfig(num_classes=k),
     )

@@ -43,7 +43,7 @@ def model_info(model, folder: Path) -> dict:
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """``auto``: bf16 where the hardware multiplies bf16 fast (CUDA; CPUs with AMX or AVX512-BF16,
-    where a batched forward runs ~2.5x faster than fp32), else fp32."""
+    where batched forwards run faster than in fp32: docs/BENCHMARKS.md, "Server"), else fp32."""
     if name != "auto":
         return DTYPES[name]
     if str(device).startswith("cuda"):

@@ -31,7 +31,7 @@ ENV_PREFIX = "VQDIFF_"
 # VQDIFF_* variables that belong to the project but are not server settings; anything else with the
 # prefix is refused at start-up.
 OTHER_VARIABLES = {
-    "VQDIFF_KERNELS": "the sampling-step kernels, auto | triton | torch (kernels/__init__.py)",
+    "VQDIFF_KERNELS": "the sampling-step kernels, auto | triton | torch (model/sampling/step.py)",
     "VQDIFF_PIP_ARGS": "extra pip arguments for the image build (docker-compose.yml)",
     "VQDIFF_EXTRAS": "the package extras the image installs (docker-compose.yml)",
 }

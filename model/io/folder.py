@@ -9,8 +9,8 @@
     learned_classifier_free_sampling_embeddings/  config.json + weights       (optional)
     vqdiff.json    generation defaults for this model (ours, optional)
 
-This is how users get ITHQ (REFERENCE.md section 6). Sharded weights (``*.index.json``) and
-variants (``diffusion_pytorch_model.fp16.safetensors``) are read too. ``.bin`` files go through
+This is how users get ITHQ (docs/DESIGN.md, section 8: the diffusers folder layout). Sharded
+weights (``*.index.json``) and variants (``diffusion_pytorch_model.fp16.safetensors``) are read too. ``.bin`` files go through
 ``torch.load(weights_only=True)`` only. Anything wrong fails with a ``ModelFolderError`` naming
 the file, the key, what was expected and what was found.
 """

@@ -1,8 +1,9 @@
 """Text conditioning: prompt -> (B, L, D) per-token CLIP features (L = 77), L2-normalised per token.
 
 CLIP is transformers' ``CLIPTextModel``; this is only the wiring that the released model uses
-(REFERENCE.md section 5): lowercase, 77 tokens padded, overlong prompts cut to 77 KEEPING the
-end-of-text token (diffusers drops it), all token states after the final LayerNorm, no projection.
+(docs/DESIGN.md, section 7: Released models): lowercase, 77 tokens padded, overlong prompts cut
+to 77 KEEPING the end-of-text token (diffusers drops it), all token states after the final
+LayerNorm, no projection.
 """
 
 from __future__ import annotations
