@@ -1,4 +1,4 @@
-"""The sampling-step kernels (issue 6) against the torch reference and torch.compile of it, at ITHQ shapes.
+"""The sampling-step kernels against the torch reference and torch.compile of it, at ITHQ shapes.
 
     python benchmarks/bench_kernels.py [--batch 1 8 32] [--dtype fp32 bf16] [--out bench.json]
     python benchmarks/bench_kernels.py --smoke     # no GPU: tiny shapes, kernels under the Triton interpreter
@@ -19,7 +19,7 @@ between runs). GB/s counts the bytes above over the kernel time; the fraction is
 memory bandwidth (H100 SXM 3.35 TB/s, H100 PCIe 2.0, H100 NVL 3.9, H200 4.8; ``--peak-tbs`` overrides).
 "of copy" is the kernel's GB/s over that of a plain device copy moving guided's bytes (read +
 written), timed in the same run: what the card reaches at that size (a copy of 134 MB does not reach
-the datasheet's peak). Targets (issue 6): at least 70% of peak and at least 3x the reference. Outputs are compared with the
+the datasheet's peak). Targets (docs/BENCHMARKS.md): at least 70% of peak and at least 3x the reference. Outputs are compared with the
 reference's at every shape (purity max relative difference, chosen and drawn tokens that differ).
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6 (sampling-step kernels) in ONE short device call, under 8 minutes:
+# The GPU checks of the sampling-step kernels in ONE short run on a GPU machine, under 8 minutes:
 #   1. tests/test_kernels.py (run last) with the compiled kernels on the GPU: every parity test on CUDA tensors
 #      (hash bits, guided log-probs/purity/truncation, selection, draw, the step, the tiny-model sampler)
 #      and the ITHQ-sized ones marked `gpu`;
@@ -10,9 +10,8 @@
 # kernels_tests.xml.
 #
 # Needs no network: python3 with torch (CUDA), triton, pytest and transformers (the tests' conftest
-# imports the project's tokenizer); the device image has all of them. Run from the repository root:
+# imports the project's tokenizer); a GPU machine's image usually has all of them. Run from the repository root:
 #     OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
-# With the device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=560); nothing to carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
@@ -33,7 +32,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_check: no CUDA device here: the tests below run the kernels under the Triton interpreter only"
   status=2
 fi
-# The benchmark first (the issue's targets), then the sweep around it, then the tests: each has its own
+# The benchmark first (the targets in docs/BENCHMARKS.md), then the sweep around it, then the tests: each has its own
 # timeout and a failure stops none of the others. Under 8 minutes in all (about 540 s with the logs).
 echo "== benchmarks/bench_kernels.py"
 timeout 170 "$PY" benchmarks/bench_kernels.py --budget-s 140 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 on a lent GPU, in ONE device call of under 10 minutes. Trainings share the GPU (each
+# The default model's GPU trainings and Table 1, in ONE run of under 10 minutes on a GPU machine. Trainings share the GPU (each
 # process is bound by its own host work, so running several costs little: docs/BENCHMARKS.md), each
 # with a time budget (`--time-budget-s`: the run fixes its length after 50 timed steps so that its
 # cosine tail ends in time, and stops at the budget whatever happens). $RUNS picks the new models:
@@ -12,15 +12,14 @@
 # (batch $T1_BATCH, starting from the CLIP-pretrained text encoder like the default model), its two
 # null-condition fine-tunes, then the ten evaluations (16 forwards, as table1.sh).
 # Then `vqdiff eval` of the new models, and their weights (fp16, without the VQVAE) to $OUT, one
-# NAME.tgz each. The device returns at most 8 files: keep RUNS to four names at most.
-# Session 12 ran RUNS="joint clipfrozen clipinit" T1_BATCH=64 T1_TEXT= BASE_BUDGET=190 FT_BUDGET=100;
-# session 13 RUNS="more more_s1 more_lo" with the defaults. RUNS= (empty) runs Table 1 alone.
+# NAME.tgz each. Keep RUNS to four names at most (eight result files in all).
+# Commit 7184a13 ran RUNS="joint clipfrozen clipinit" T1_BATCH=64 T1_TEXT= BASE_BUDGET=190 FT_BUDGET=100;
+# commit 44176ea RUNS="more more_s1 more_lo" with the defaults. RUNS= (empty) runs Table 1 alone.
 #
 # Carried in $CARRY (default .carry, ignored by git): vq3/ (the VQVAE folder the runs start from) and
 # clip1/ (text_encoder/ and tokenizer/ of `vqdiff train clip`). Needs python3 with torch (CUDA),
-# transformers, safetensors, pillow, tqdm: the device image has them. From the repository root:
+# transformers, safetensors, pillow, tqdm: a GPU machine's image usually has them. From the repository root:
 #     OUT=/tmp/gpu_train bash benchmarks/gpu_train.sh
-# With the device tool: run(command="bash benchmarks/gpu_train.sh", carry=[".carry"], timeout_s=595).
 # .carry (in .git/info/exclude): cp -r vq3/vqvae .carry/vq3; mkdir .carry/clip1; cp -r clip1/text_encoder
 # clip1/tokenizer .carry/clip1 (the run folders of the commands in models/default/README.md).
 # A CPU rehearsal: DEVICE=cpu N=600 BATCH=16 BUDGET=60 BASE_BUDGET=25 FT_BUDGET=15 EVAL_N=4 TOTAL=240 ...
@@ -133,7 +132,7 @@ stamp "evaluated; packing"
 
 for j in $RUNS; do
   $VQ convert "$WORK/$j/model" "$WORK/conv/$j" --dtype fp16 >/dev/null &&
-    tar czf "$OUT/$j.tgz" -C "$WORK/conv/$j" --exclude=./vqvae .  # ~15 MB: the device returns <= 16 MiB a file
+    tar czf "$OUT/$j.tgz" -C "$WORK/conv/$j" --exclude=./vqvae .  # ~15 MB: under 16 MiB a file, what a GPU machine hands back
 done
 (cd "$WORK" && find . -path ./placed -prune -o \( -name train.log -o -name '*.out' -o -name 'eval_*.txt' \) -print |
   tar czf "$OUT/logs.tgz" -T -)

@@ -8,8 +8,7 @@
 #   learnable   vqdiff train null-cond --null-mode learnable (fine-tuned with the learnable null)
 #
 # Every step is resumable: rerun the script to continue after an interruption (each trainer resumes
-# from its run folder's checkpoint). On the project's 2-core CPU: the base takes ~1 s/step, a
-# fine-tune the same. Usage, from the repository root:
+# from its run folder's checkpoint). Time per step: docs/RESULTS.md, Table 1. Usage, from the repository root:
 #     DATA=/path/to/shapes60k VQVAE=models/default/vqvae BASE_STEPS=6000 FT_STEPS=1500 bash benchmarks/table1.sh
 # DATA is an image-caption folder (model/train/data.py); the README of models/default says how to write one.
 set -euo pipefail

@@ -4,7 +4,7 @@ Reference: ``vqdiff.model.sampling.step.draw_at`` (same signature). A position i
 Δz of N per row, 1% at ITHQ's 10 of 1024). The grid is (B, M), M = ``max_count``: program (b, j) finds
 row b's j-th chosen position from a prefix sum of the row's N flags, and reads nothing else if the row
 has fewer. So the launch is B x Δz programs that all draw, not B x N mostly idle ones (at B = 32 those
-cost ~0.1 ms of block scheduling alone on an H200). For its position a program recomputes guided
+spend their time in block scheduling: docs/BENCHMARKS.md). For its position a program recomputes guided
 log p from the logits (K classes, fp32), truncates where r < 1, and takes
 
     argmax_c  sharpen * log p_c + Gumbel(u(seed, step, TOKEN, n * K + c))

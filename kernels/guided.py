@@ -79,7 +79,7 @@ def row_blocks(num_rows: int, k: int, itemsize: int = 4) -> tuple[int, int, int]
     """(ROWS, BLOCK_K, num_warps) for programs that each hold ROWS whole positions of K classes of
     ``itemsize``-byte logits. Compiled: about 4096 elements a program (one ITHQ position); the
     interpreter pays per program, so it takes 16384. A 4096-class position of 16-bit logits takes 4
-    warps, of fp32 ones 8 (measured on an H200: docs/BENCHMARKS.md). The warps depend on nothing
+    warps, of fp32 ones 8 (chosen by measurement: docs/BENCHMARKS.md, sampling-step kernels). The warps depend on nothing
     but K and the dtype: they fix the order of the softmax sum, so purity has the same bits whether
     or not log p is written (a posterior row in the batch must not change a purity row's draw)."""
     block_k = triton.next_power_of_2(max(k, 1))

@@ -1,1 +1,1 @@
-"""The inference server (batching engine, HTTP, gRPC, metrics): see issue 5."""
+"""The inference server: the batching engine, HTTP and gRPC front ends, metrics (README.md, "Serving")."""

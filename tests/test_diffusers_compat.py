@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def diffusers_pipeline(folder):
-    """VQDiffusionPipeline from a folder, component by component (REFERENCE.md section 6: its
+    """VQDiffusionPipeline from a folder, component by component (docs/DESIGN.md section 8: its
     from_pretrained trips over the moved LearnedClassifierFreeSamplingEmbeddings module)."""
     from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
         LearnedClassifierFreeSamplingEmbeddings,
