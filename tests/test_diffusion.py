@@ -1,4 +1,5 @@
-"""Tests of model/diffusion.py: the schedule, q(x_t | x0), the posterior and the training loss.
+"""Tests of model/diffusion.py: the schedule, q(x_t | x0), the posterior; and of the training loss
+(model/train/loss.py).
 
 Three kinds of reference: diffusers' ``VQDiffusionScheduler`` (parity with released numbers),
 dense (K+1) x (K+1) transition matrices in float64 on a small schedule whose replace mass is
@@ -14,17 +15,15 @@ import torch
 from vqdiff.model.config import DiffusionConfig
 from vqdiff.model.diffusion import (
     LOG_ZERO,
-    ImportanceSampler,
     Schedule,
     log_onehot,
     mask_and_replace_schedule,
     posterior,
     q_probs,
     q_sample,
-    sample_timesteps,
     timestep_for_mask_fraction,
-    training_loss,
 )
+from vqdiff.model.train.loss import ImportanceSampler, sample_timesteps, training_loss
 
 K = 37  # deliberately not a power of two (the tiny preset's codebook)
 RELEASED = DiffusionConfig(num_classes=K)

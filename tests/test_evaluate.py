@@ -74,38 +74,40 @@ def test_grid_layout():
 
 
 def test_failure_reasons():
+    from vqdiff.model.shapes import grade
     from vqdiff.model.shapes import scenes as shapes
     from vqdiff.model.shapes.evaluate import failure
 
     red, blue = shapes.Mention("circle", "red", None), shapes.Mention("square", "blue", None)
     stated = shapes.Stated((red, blue), relation=(0, "above", 1))
-    obj = lambda shape, colour, cx, cy: shapes.ParsedObj(shape, colour, "small", cx, cy)  # noqa: E731
-    ok = shapes.Parsed((obj("circle", "red", 16, 6), obj("square", "blue", 16, 26)), clean=True)
+    obj = lambda shape, colour, cx, cy: grade.ParsedObj(shape, colour, "small", cx, cy)  # noqa: E731
+    ok = grade.Parsed((obj("circle", "red", 16, 6), obj("square", "blue", 16, 26)), clean=True)
     assert failure(ok, stated) is None
-    assert failure(shapes.Parsed(ok.objects, clean=False), stated) == "unclean"
-    assert failure(shapes.Parsed(ok.objects[:1], clean=True), stated) == "count"
-    flipped = shapes.Parsed((obj("circle", "red", 16, 26), obj("square", "blue", 16, 6)), clean=True)
+    assert failure(grade.Parsed(ok.objects, clean=False), stated) == "unclean"
+    assert failure(grade.Parsed(ok.objects[:1], clean=True), stated) == "count"
+    flipped = grade.Parsed((obj("circle", "red", 16, 26), obj("square", "blue", 16, 6)), clean=True)
     assert failure(flipped, stated) == "relation"
-    wrong = shapes.Parsed((obj("circle", "green", 16, 6), obj("square", "blue", 16, 26)), clean=True)
+    wrong = grade.Parsed((obj("circle", "green", 16, 6), obj("square", "blue", 16, 26)), clean=True)
     assert failure(wrong, stated) == "attributes"
 
 
 def test_fact_tally_picks_the_best_assignment_and_counts_each_fact():
+    from vqdiff.model.shapes import grade
     from vqdiff.model.shapes import scenes as shapes
     from vqdiff.model.shapes.evaluate import fact_tally
 
     red = shapes.Mention("circle", "red", "small")
     blue = shapes.Mention("square", "blue", None)
     stated = shapes.Stated((red, blue), relation=(0, "above", 1))
-    obj = lambda shape, colour, cx, cy: shapes.ParsedObj(shape, colour, "small", cx, cy)  # noqa: E731
+    obj = lambda shape, colour, cx, cy: grade.ParsedObj(shape, colour, "small", cx, cy)  # noqa: E731
     # the blue square is drawn as a triangle and the pair is upside down: 4 of 6 facts shown
-    parsed = shapes.Parsed((obj("triangle", "blue", 16, 6), obj("circle", "red", 16, 26)), clean=True)
+    parsed = grade.Parsed((obj("triangle", "blue", 16, 6), obj("circle", "red", 16, 26)), clean=True)
     assert fact_tally(parsed, stated) == {"shape": (1, 2), "colour": (2, 2), "size": (1, 1), "relation": (0, 1)}
-    assert fact_tally(shapes.Parsed(parsed.objects[:1], clean=True), stated) == {}  # a count miss
+    assert fact_tally(grade.Parsed(parsed.objects[:1], clean=True), stated) == {}  # a count miss
     placed = shapes.Stated((shapes.Mention(None, "green", None, "left"),))
     left, right = obj("square", "green", 5, 16), obj("square", "green", 27, 16)
-    assert fact_tally(shapes.Parsed((left,), clean=True), placed) == {"colour": (1, 1), "place": (1, 1)}
-    assert fact_tally(shapes.Parsed((right,), clean=True), placed) == {"colour": (1, 1), "place": (0, 1)}
+    assert fact_tally(grade.Parsed((left,), clean=True), placed) == {"colour": (1, 1), "place": (1, 1)}
+    assert fact_tally(grade.Parsed((right,), clean=True), placed) == {"colour": (1, 1), "place": (0, 1)}
 
 
 def test_evaluate_reports_facts(monkeypatch):

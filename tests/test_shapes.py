@@ -1,4 +1,4 @@
-"""The shapes dataset: determinism, the held-out split, open captions, and an exact parser."""
+"""The shapes dataset (scenes.py): determinism, the held-out split, open captions; and its exact parser (grade.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vqdiff.model.shapes.scenes import (HELDOUT, IMAGE_SIZE, CaptionRates, Mention, Obj, ParsedObj, Scene, Stated, faithful,
-                          generate, parse, prompt_set, reads_as, render, satisfies, words)
+from vqdiff.model.shapes.grade import ParsedObj, faithful, parse, reads_as, satisfies
+from vqdiff.model.shapes.scenes import (HELDOUT, IMAGE_SIZE, CaptionRates, Mention, Obj, Scene, Stated, generate,
+                                       prompt_set, render, words)
 
 
 def blur_binomial(image: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ from vqdiff.model.io.folder import load_model
 from vqdiff.model.sampling.params import GenerationParams
 from vqdiff.model.sampling.sampler import sample
 from vqdiff.model.shapes.scenes import generate
-from vqdiff.model.train.transformer import TransformerTrainConfig, caption_words, train_transformer
+from vqdiff.model.net.tokenizer import caption_words
+from vqdiff.model.train.transformer import TransformerTrainConfig, train_transformer
 from vqdiff.model.train.vqvae import VQVAETrainConfig, train_vqvae
 
 
@@ -63,7 +64,8 @@ def test_resumed_equals_uninterrupted(run):
 def _held_loss(folder, data) -> float:
     """Mean loss of a model folder on a fixed set: every image at a fixed grid of t, fixed noise."""
     from vqdiff.model.train.data import ImageCaptionFolder
-    from vqdiff.model.diffusion import q_sample, training_loss
+    from vqdiff.model.diffusion import q_sample
+    from vqdiff.model.train.loss import training_loss
     from vqdiff.model.train.transformer import tokenize_dataset
 
     model = load_model(folder)

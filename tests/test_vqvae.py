@@ -7,6 +7,7 @@ import torch
 
 from vqdiff.model.config import ithq, tiny
 from vqdiff.model.net.vqvae import VQVAE
+from vqdiff.model.train.vqvae import ema_update, identical_patch_loss, restart_codes, training_pass
 
 ITHQ_VQVAE_JSON = {  # microsoft/vq-diffusion-ithq vqvae/config.json
     "_class_name": "VQModel",
@@ -175,7 +176,7 @@ def test_ema_update_moves_codes_toward_assigned_latents():
     images = torch.rand(2, 3, cfg.sample_size, cfg.sample_size)
     z_e = model.encode(images).detach()
     _, tokens, _ = model.quantize_latents(z_e)
-    _, _, loss, _ = model(images, ema_decay=0.5)
+    _, _, loss, _ = training_pass(model, images, ema_decay=0.5)
     after = model.quantize.embedding.weight.detach()
     used = tokens.unique()
     unused = torch.ones(cfg.num_vq_embeddings, dtype=torch.bool)
@@ -187,7 +188,7 @@ def test_ema_update_moves_codes_toward_assigned_latents():
     assert set(model.state_dict()) == keys_before  # EMA statistics stay out of the checkpoint
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="decay"):
-        model.ema_update(z_e, tokens, 1.0)
+        ema_update(model, z_e, tokens, 1.0)
 
 
 def test_restart_codes_moves_only_rarely_used_codes_onto_latents():
@@ -200,7 +201,7 @@ def test_restart_codes_moves_only_rarely_used_codes_onto_latents():
 
     # min_count = inf re-initialises every code from the data
     g = torch.Generator().manual_seed(1)
-    assert model.restart_codes(z_e, float("inf"), g) == cfg.num_vq_embeddings
+    assert restart_codes(model, z_e, float("inf"), g) == cfg.num_vq_embeddings
     on_latent = (model.codebook.detach()[:, None, :] == flat[None, :, :]).all(-1).any(-1)  # (K,)
     assert on_latent.all()  # each code is exactly some latent
 
@@ -208,21 +209,19 @@ def test_restart_codes_moves_only_rarely_used_codes_onto_latents():
     model.ema_count[:] = 1.0
     model.ema_count[[3, 7]] = 0.01
     before = model.codebook.detach().clone()
-    assert model.restart_codes(z_e, 0.1, g) == 2
+    assert restart_codes(model, z_e, 0.1, g) == 2
     moved = (model.codebook.detach() != before).any(dim=1).nonzero().flatten().tolist()
     assert set(moved) <= {3, 7}
     assert model.ema_count[[3, 7]].tolist() == [1.0, 1.0]
     # the same generator seed replays the same restarts (resumed training stays exact)
     again = VQVAE(cfg)
     again.load_state_dict(model.state_dict())
-    assert again.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(5)) == \
-        model.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(5))
+    assert restart_codes(again, z_e, float("inf"), torch.Generator().manual_seed(5)) == \
+        restart_codes(model, z_e, float("inf"), torch.Generator().manual_seed(5))
     assert torch.equal(again.codebook, model.codebook)
 
 
 def test_identical_patch_loss_ties_only_pixel_identical_patches():
-    from vqdiff.model.net.vqvae import identical_patch_loss
-
     torch.manual_seed(0)
     images = torch.rand(2, 3, 8, 8)  # 2 x 2 patches of 4 x 4: all distinct
     images[:, :, :4, :4] = 1.0  # the top-left patch of both images is plain white: one group of two
@@ -251,12 +250,12 @@ def test_restart_codes_by_error_picks_only_weighted_latents():
     model = VQVAE(cfg).train()
     z_e = model.encode(torch.rand(4, 3, cfg.sample_size, cfg.sample_size)).detach()
     flat = z_e.permute(0, 2, 3, 1).reshape(-1, cfg.vq_embed_dim)  # (BHW, D)
-    model.restart_codes(z_e, float("inf"), torch.Generator().manual_seed(1))
+    restart_codes(model, z_e, float("inf"), torch.Generator().manual_seed(1))
     model.ema_count[:] = 1.0
     model.ema_count[[2, 5, 9]] = 0.0
     weights = torch.zeros(flat.shape[0])
     weights[[4, 11, 30]] = torch.tensor([1.0, 2.0, 3.0])  # the only latents the codebook fits badly
-    assert model.restart_codes(z_e, 0.1, torch.Generator().manual_seed(2), weights=weights) == 3
+    assert restart_codes(model, z_e, 0.1, torch.Generator().manual_seed(2), weights=weights) == 3
     moved = model.codebook.detach()[[2, 5, 9]]  # (3, D): exactly the three weighted latents, each once
     assert sorted((moved[:, None, :] == flat[None, [4, 11, 30], :]).all(-1).nonzero()[:, 1].tolist()) == [0, 1, 2]
 

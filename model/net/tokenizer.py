@@ -3,17 +3,22 @@
 The tokenizer itself is transformers' ``CLIPTokenizer``; this file only gets one from a folder in
 either layout a model may carry (``tokenizer.json``, or ITHQ's ``vocab.json`` + ``merges.txt``)
 and writes both, so older loaders read what we save. ``word_tokenizer`` builds a small CLIP BPE
-vocabulary in which every given word is one token, for models trained here on a closed vocabulary.
+vocabulary in which every given word is one token, for models trained here on a closed vocabulary;
+``caption_tokenizer`` builds that one over the words of a set of captions (what a fresh trainer does).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import string
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+
+from vqdiff.model.config import TextEncoderConfig
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
@@ -44,6 +49,22 @@ def word_tokenizer(words: list[str], alphabet: str = ALPHABET, max_length: int =
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def caption_words(captions: list[str]) -> list[str]:
+    """The words of the captions (lowercased, split at anything outside the tokenizer's alphabet)."""
+    words: dict[str, None] = {}
+    for c in captions:
+        for w in re.split(r"[^a-z0-9']+", c.lower()):
+            if w and all(ch in ALPHABET for ch in w):
+                words.setdefault(w)
+    return list(words)
+
+
+def caption_tokenizer(c: TextEncoderConfig, captions: list[str]) -> tuple[CLIPTokenizer, TextEncoderConfig]:
+    """A word-level tokenizer over the captions' words, and ``c`` with room for its vocabulary."""
+    tokenizer = word_tokenizer(caption_words(captions))
+    return tokenizer, c if len(tokenizer) <= c.vocab_size else replace(c, vocab_size=len(tokenizer))
 
 
 def load_tokenizer(folder: Path) -> CLIPTokenizer:

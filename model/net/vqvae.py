@@ -183,37 +183,6 @@ class VQVAEOutput(NamedTuple):
     z_e: torch.Tensor  # (B, D, h, w): the encoder's latents, before quantisation
 
 
-def identical_patch_loss(images: torch.Tensor, z_e: torch.Tensor) -> torch.Tensor:
-    """Tie the latents of pixel-identical patches: mean squared distance of each latent to the mean
-    latent of its group, over groups of at least two patches of this batch with the same 8-bit pixels,
-    over the variance of all the batch's latents (so the encoder cannot lower it by shrinking z:
-    unnormalised, weight 1 collapsed a shapes run to 2 codes in 50 steps).
-
-    images (B, 3, H, W) in [0, 1]; z_e (B, D, h, w), one latent per f x f patch (f = H / h). An
-    encoder sees the whole image (GroupNorm statistics, receptive fields, attention), so the same
-    plain-background patch gets a different latent in every image, and a codebook spends hundreds of
-    codes on one colour (seen on the shapes data: 468 of 512 codes for white). This term makes the
-    latent a function of the patch where the patches are the same, and costs nothing elsewhere.
-    Returns 0 (with a graph) when no two patches are identical.
-    """
-    b, d, h, w = z_e.shape
-    f = images.shape[-1] // w
-    if images.shape[-2] != h * f or images.shape[-1] != w * f:
-        raise ValueError(f"identical_patch_loss: images {tuple(images.shape)} do not tile into the {h}x{w} latents")
-    pix = (images.detach() * 255).round().to(torch.uint8)  # (B, 3, H, W)
-    patches = pix.unfold(2, f, f).unfold(3, f, f).permute(0, 2, 3, 1, 4, 5).reshape(b * h * w, -1)  # (BHW, 3ff)
-    _, group = torch.unique(patches, dim=0, return_inverse=True)  # (BHW,)
-    count = torch.bincount(group)  # (G,)
-    flat = z_e.permute(0, 2, 3, 1).reshape(b * h * w, d)  # (BHW, D)
-    mean = torch.zeros(count.numel(), d, dtype=flat.dtype, device=flat.device).index_add_(0, group, flat)
-    mean = mean / count.unsqueeze(1).to(flat.dtype)  # (G, D)
-    tied = count[group] > 1  # (BHW,)
-    if not bool(tied.any()):
-        return flat.sum() * 0.0
-    spread = (flat - flat.mean(0)).pow(2).mean()  # the batch's latent variance: shrinking z cannot pay
-    return (flat[tied] - mean[group[tied]]).pow(2).mean() / (spread + 1e-8)
-
-
 class VQVAE(nn.Module):
     def __init__(self, config: VQVAEConfig):
         super().__init__()
@@ -286,78 +255,14 @@ class VQVAE(nn.Module):
         x = self.decoder(self.post_quant_conv(z_q))  # (B, 3, H, W)
         return (x.clamp(-1, 1) + 1) / 2
 
-    def forward(
-        self, images: torch.Tensor, ema_decay: float | None = None, restart_below: float | None = None,
-        generator: torch.Generator | None = None, restart_by_error: bool = False,
-    ) -> VQVAEOutput:
-        """Training pass: reconstruction (B, 3, H, W) in [0, 1], tokens (B, h*w), vq_loss (scalar) and
-        the encoder's latents z_e (B, D, h, w).
-
-        With ``ema_decay`` set (training mode only), the codebook follows an exponential moving average
-        of the encoder outputs assigned to each code instead of its gradient, and vq_loss is the
-        commitment term alone; with ``restart_below`` too, rarely used codes are moved onto this
-        batch's latents (``restart_codes``): chosen uniformly, or with ``restart_by_error`` in
-        proportion to their squared distance from their code (k-means++'s D^2 rule), so that restarts
-        go where the codebook fits the data worst rather than where the data is most common.
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        """Reconstruction (B, 3, H, W) in [0, 1], tokens (B, h*w), vq_loss (scalar: the VQ terms of
+        ``quantize_latents``, the codebook trained by gradient) and the encoder's latents z_e (B, D, h, w).
+        The EMA codebook and code restarts of training are in model/train/vqvae.py (``training_pass``).
         """
         z_e = self.encode(images)  # (B, D, h, w)
         z_q, tokens, loss = self.quantize_latents(z_e)
-        if ema_decay is not None and self.training:
-            self.ema_update(z_e.detach(), tokens, ema_decay)
-            if restart_below:
-                err = (z_e - z_q).detach().pow(2).sum(1).flatten() if restart_by_error else None  # (BHW,)
-                self.restart_codes(z_e, restart_below, generator, weights=err)
-            loss = self.config.commitment_beta * F.mse_loss(z_e, z_q.detach())
         return VQVAEOutput(self.decode_latents(z_q), tokens.flatten(1), loss, z_e)
 
-    @torch.no_grad()
-    def ema_update(self, z_e: torch.Tensor, tokens: torch.Tensor, decay: float, eps: float = 1e-5) -> None:
-        """One EMA codebook step from z_e (B, D, h, w) and its assignments tokens (B, h, w).
 
-        The running counts/sums live in non-persistent buffers, so the state dict stays VQModel's;
-        they start from the current codebook with a count of one per code.
-        """
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must be in (0, 1); got {decay}")
-        k, d = self.codebook.shape
-        if not hasattr(self, "ema_count"):
-            self.register_buffer("ema_count", torch.ones(k, device=self.codebook.device), persistent=False)
-            self.register_buffer("ema_sum", self.codebook.detach().float().clone(), persistent=False)
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d).float()  # (BHW, D)
-        onehot = F.one_hot(tokens.flatten(), k).float()  # (BHW, K)
-        self.ema_count.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)  # (K,)
-        self.ema_sum.mul_(decay).add_(onehot.T @ flat, alpha=1 - decay)  # (K, D)
-        n = self.ema_count.sum()
-        count = (self.ema_count + eps) / (n + k * eps) * n  # Laplace smoothing keeps unused codes finite
-        self.codebook.copy_(self.ema_sum / count.unsqueeze(1))
-
-    @torch.no_grad()
-    def restart_codes(self, z_e: torch.Tensor, min_count: float, generator: torch.Generator | None = None,
-                      weights: torch.Tensor | None = None) -> int:
-        """Move every code whose EMA usage is below ``min_count`` onto a random encoder output of
-        this batch (z_e: (B, D, h, w)); ``min_count=inf`` re-initialises the whole codebook from data.
-        ``weights`` (BHW,): pick latents in proportion to them, without replacement (uniformly when
-        fewer than the dead codes are positive).
-
-        Without it an EMA codebook collapses to a handful of codes (seen on the shapes data: 3-6 of
-        512 used after 75 steps). Training only: it syncs with the host. Returns how many moved.
-        """
-        k, d = self.codebook.shape
-        if not hasattr(self, "ema_count"):
-            self.register_buffer("ema_count", torch.ones(k, device=self.codebook.device), persistent=False)
-            self.register_buffer("ema_sum", self.codebook.detach().float().clone(), persistent=False)
-        dead = (self.ema_count < min_count).nonzero().flatten()  # (n,)
-        if dead.numel() == 0:
-            return 0
-        flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, d).float()  # (BHW, D)
-        if weights is not None and int((weights > 0).sum()) >= dead.numel():  # D^2 sampling, distinct latents
-            pick = torch.multinomial(weights.float().cpu(), dead.numel(), generator=generator).to(flat.device)
-        else:
-            pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator).to(flat.device)  # (n,)
-        self.codebook[dead] = flat[pick].to(self.codebook.dtype)
-        self.ema_sum[dead] = flat[pick]
-        self.ema_count[dead] = 1.0
-        return int(dead.numel())
-
-
-__all__ = ["VQVAE", "VQVAEOutput", "identical_patch_loss"]
+__all__ = ["VQVAE", "VQVAEOutput"]

@@ -1,14 +1,15 @@
 """``GenerationParams``: every per-request knob, in one typed, validated object.
 
-The names are the paper's (REFERENCE.md sections 2-4). ``guidance_scale`` follows the released
-convention: log p = uncond + guidance_scale * (cond - uncond), so 1.0 turns guidance off.
+The names are the paper's (docs/DESIGN.md, sections 4-6: Guidance, Truncation, High-quality
+inference). ``guidance_scale`` follows the released convention:
+log p = uncond + guidance_scale * (cond - uncond), so 1.0 turns guidance off.
 Invalid values raise ValueError naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 SAMPLERS = ("purity", "random", "posterior", "skip")
@@ -20,19 +21,25 @@ MAX_PURITY_WEIGHT = 20.0
 SEED_MAX = 2**63 - 1
 
 
+def _p(default, help: str):
+    """A parameter: its default and its help text (the help of its ``vqdiff generate`` flag)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    guidance_scale: float = 5.0  # 1.0 = no guidance
+    guidance_scale: float = _p(5.0, "classifier-free guidance: uncond + scale * (cond - uncond); 1.0 = no guidance")
     # what the unconditional branch uses: "null" the learnable null condition, "empty" the empty
     # prompt's embedding (zero-shot CF), "negative" the embedding of negative_prompt; "auto" = null
     # if the model has one, else empty.
-    uncond: str = "auto"
-    negative_prompt: str | None = None
-    truncation_rate: float = 1.0  # keep the most likely classes up to this mass; 1.0 = off
-    sampler: str = "purity"
-    steps: int = 100  # transformer forward passes
-    purity_weight: float = 1.0  # r of Eq. 11 (purity sampler only)
-    seed: int | None = None  # None: the server picks one and reports it
+    uncond: str = _p("auto", f"the unconditional branch: {' | '.join(UNCONDS)} (auto: null if the model has "
+                             "a learnable null, else empty)")
+    negative_prompt: str | None = _p(None, "the text of the unconditional branch (uncond negative)")
+    truncation_rate: float = _p(1.0, "keep the most likely classes up to this mass; 1.0 = off")
+    sampler: str = _p("purity", " | ".join(SAMPLERS))
+    steps: int = _p(100, "transformer forward passes")
+    purity_weight: float = _p(1.0, "r of Eq. 11 (purity sampler only)")
+    seed: int | None = _p(None, "None: the server picks one and reports it")
 
     def __post_init__(self) -> None:
         _number(self, "guidance_scale", 1.0, MAX_GUIDANCE)

@@ -1,16 +1,19 @@
 """Evaluation on the shapes benchmark: exact prompt fidelity, parse quality, diversity.
 
-Every generated image is read back by the deterministic parser of ``model/shapes/scenes.py``; a prompt
+Every generated image is read back by the deterministic parser of ``model/shapes/grade.py``; a prompt
 is honoured when the image parses cleanly and every stated attribute and relation holds.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from vqdiff.model.shapes import grade
 from vqdiff.model.shapes import scenes as shapes
 
 
@@ -29,7 +32,7 @@ def vqvae_ceiling(vqvae, n: int = 500, seed: int = 12345, split: str = "train", 
         items = [shapes.generate(i, seed=seed, split=split) for i in range(start, min(n, start + batch))]
         x = torch.from_numpy(np.stack([it[0] for it in items])).permute(0, 3, 1, 2).float() / 255  # (b, 3, H, W)
         recon = to_uint8(vqvae.decode_tokens(vqvae.tokenize(x)))
-        ok += sum(shapes.reads_as(r, it[3], it[2]) for r, it in zip(recon, items))
+        ok += sum(grade.reads_as(r, it[3], it[2]) for r, it in zip(recon, items))
     return ok / n
 
 
@@ -59,7 +62,7 @@ def tokeniser_stats(vqvae, n: int = 512, seed: int = 12345, split: str = "train"
     return out
 
 
-def failure(parsed: shapes.Parsed, stated: shapes.Stated) -> str | None:
+def failure(parsed: grade.Parsed, stated: shapes.Stated) -> str | None:
     """Why an image misses its prompt, the first reason that applies: ``unclean`` (mixed colours or a
     broken shape: the joint-distribution failure), ``count`` (wrong number of objects), ``attributes``
     (no object-to-mention match has every colour/shape/size/place right), ``relation``; None if it
@@ -68,14 +71,14 @@ def failure(parsed: shapes.Parsed, stated: shapes.Stated) -> str | None:
         return "unclean"
     if len(parsed.objects) != len(stated.mentions):
         return "count"
-    if shapes.satisfies(parsed, stated):
+    if grade.satisfies(parsed, stated):
         return None
     from dataclasses import replace
 
-    return "relation" if shapes.satisfies(parsed, replace(stated, relation=None)) else "attributes"
+    return "relation" if grade.satisfies(parsed, replace(stated, relation=None)) else "attributes"
 
 
-def fact_tally(parsed: shapes.Parsed, stated: shapes.Stated) -> dict[str, tuple[int, int]]:
+def fact_tally(parsed: grade.Parsed, stated: shapes.Stated) -> dict[str, tuple[int, int]]:
     """Per kind of stated fact (shape, colour, size, place, relation): (shown, stated) in one image.
 
     Objects are assigned to mentions the way that shows the most stated facts. Only images with the
@@ -85,7 +88,7 @@ def fact_tally(parsed: shapes.Parsed, stated: shapes.Stated) -> dict[str, tuple[
         return {}
     best, best_shown = [], -1
     for perm in itertools.permutations(parsed.objects):
-        facts = shapes.assignment_facts(perm, stated)
+        facts = grade.assignment_facts(perm, stated)
         shown = sum(ok for _, ok in facts)
         if shown > best_shown:
             best, best_shown = facts, shown
@@ -96,7 +99,7 @@ def fact_tally(parsed: shapes.Parsed, stated: shapes.Stated) -> dict[str, tuple[
     return tally
 
 
-def _signature(parsed: shapes.Parsed) -> tuple:
+def _signature(parsed: grade.Parsed) -> tuple:
     """A coarse description of what an image shows, to count distinct outcomes of one prompt."""
     return tuple(sorted((o.shape or "?", o.colour, o.size, round(o.cx / 4), round(o.cy / 4)) for o in parsed.objects))
 
@@ -125,7 +128,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
         chunk = jobs[start : start + batch]
         out = to_uint8(sample(model, [p[0] for p, _ in chunk], [q for _, q in chunk]).images)
         for k, (img, ((caption, stated), _)) in enumerate(zip(out, chunk)):
-            parsed = shapes.parse(img)
+            parsed = grade.parse(img)
             images.append(img)
             clean.append(parsed.clean)
             why = failure(parsed, stated)
@@ -161,3 +164,69 @@ def grid(images: np.ndarray, columns: int = 8, scale: int = 4) -> np.ndarray:
         r, c = divmod(i, columns)
         canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = img
     return canvas.repeat(scale, 0).repeat(scale, 1)
+
+
+def format_report(rows: list[dict], params, model: str | Path) -> str:
+    """``evaluate`` results (one per kind and split) as the text ``vqdiff eval`` prints: the
+    parameters, a table of the scores, then per row the misses by reason and the facts shown."""
+    p = params
+    lines = [f"model {model}  sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale} "
+             f"truncation_rate={p.truncation_rate} purity_weight={p.purity_weight} uncond={p.uncond}",
+             f"{'kind':6s} {'split':8s} {'prompts':>7s} {'samples':>7s} {'fidelity':>8s} {'quality':>8s} "
+             f"{'diversity':>9s} {'FD':>8s}"]
+    for r in rows:
+        div = f"{r['diversity']:9.3f}" if "diversity" in r else f"{'-':>9s}"
+        fd = f"{r['fd']:8.3f}" if "fd" in r else f"{'-':>8s}"
+        lines.append(f"{r['kind']:6s} {r['split']:8s} {r['prompts']:7d} {r['samples']:7d} {r['fidelity']:8.3f} "
+                     f"{r['quality']:8.3f} {div} {fd}")
+    for r in rows:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items(), key=lambda kv: -kv[1])) or "none"
+        lines.append(f"misses ({r['kind']}, {r['split']}): {why}")
+    for r in rows:
+        shown = ", ".join(f"{k} {a / n:.2f} ({a}/{n})" for k, (a, n) in sorted(r["facts"].items())) or "none"
+        lines.append(f"facts shown, right-count images ({r['kind']}, {r['split']}): {shown}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``vqdiff eval``: these flags, and the generation flags of ``vqdiff generate``."""
+    from vqdiff.model.sampling.generate import add_model_arguments
+
+    parser.add_argument("--kind", default="one", help="one | two | three objects per prompt (comma-separated for several)")
+    parser.add_argument("--split", default="train", help="train | heldout (colour/shape pairs never trained on)")
+    parser.add_argument("--n", type=int, default=100, help="prompts")
+    parser.add_argument("--samples", type=int, default=1, help="images per prompt (> 1 measures diversity)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=Path, help="write the images as one PNG grid")
+    parser.add_argument("--features", type=Path, default=None,
+                        help="feature network for the Fréchet distance (default: models/features when present)")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from vqdiff.model.io.default import FEATURES
+    from vqdiff.model.sampling.generate import load, params_from_args
+
+    model = load(args)
+    params = params_from_args(args, model)
+    features = None
+    feature_dir = args.features or (FEATURES if (FEATURES / "config.json").is_file() else None)
+    if feature_dir is not None:
+        from vqdiff.model.shapes.features import load_features
+
+        features = load_features(feature_dir)
+    c = model.config.transformer
+    params.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None, seed=0)
+    rows = []
+    for kind in args.kind.split(","):
+        with tqdm(total=args.n * args.samples, desc=f"eval {kind}", unit="img", disable=args.quiet) as bar:
+            rows.append(evaluate(model, kind, args.split, args.n, args.samples, params, seed=args.seed,
+                                 on_batch=lambda done, total: bar.update(done - bar.n), features=features))
+    print(format_report(rows, params, args.model))
+    if args.grid:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid(np.concatenate([r["images"] for r in rows]))).save(args.grid)

@@ -33,7 +33,8 @@ from vqdiff.model.config import from_name
 from vqdiff.model.train.data import ImageCaptionFolder, read_index
 from vqdiff.model.io.folder import save_text_encoder
 from vqdiff.model.net.text_encoder import TextEncoder, clip_config
-from vqdiff.model.train.transformer import caption_tokenizer
+from vqdiff.model.net.tokenizer import caption_tokenizer
+from vqdiff.model.cli_args import add_fields, add_quiet, arg, from_args
 from vqdiff.model.train.common import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
 
 DEFAULT_SWAP = ("left:right", "above:below", "top:bottom")
@@ -41,18 +42,21 @@ DEFAULT_SWAP = ("left:right", "above:below", "top:bottom")
 
 @dataclass(frozen=True)
 class CLIPTrainConfig:
-    data: str
-    out: str
-    preset: str = "shapes"  # the text encoder's shape and the image size
-    steps: int = 3000
-    batch_size: int = 256
-    lr: float = 5e-4
-    warmup: int = 100
-    weight_decay: float = 0.1
-    swap: tuple[str, ...] = DEFAULT_SWAP  # "a:b" word pairs whose swap makes a hard negative caption
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 250
+    """A run's settings; each field is a flag of ``vqdiff train clip`` (``add_arguments``)."""
+
+    data: str = arg(help="image-caption folder (see model/train/data.py)")
+    out: str = arg(help="run folder: checkpoint.pt, train.log, text_encoder/, tokenizer/")
+    preset: str = arg("shapes", "the text encoder's shape and the image size")
+    steps: int = arg(3000, "optimiser steps")
+    batch_size: int = arg(256, "image-caption pairs per step (the contrastive batch)")
+    lr: float = arg(5e-4, "learning rate")
+    warmup: int = arg(100, "steps of linear learning-rate warmup")
+    weight_decay: float = arg(0.1, "AdamW weight decay")
+    swap: tuple[str, ...] = arg(DEFAULT_SWAP, "comma-separated word pairs: a caption with one of them swapped is "
+                                              "a hard negative ('' for none)", metavar="A:B,...")
+    seed: int = arg(0, "the seed of the batch order and every draw")
+    log_every: int = arg(50, "steps between train.log records")
+    ckpt_every: int = arg(250, "steps between checkpoints")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "swap", tuple(self.swap))
@@ -205,3 +209,14 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
     bar.close()
     log.close()
     return out
+
+
+def add_arguments(parser) -> None:
+    """``vqdiff train clip``: one flag per ``CLIPTrainConfig`` field, and --quiet."""
+    add_fields(parser, CLIPTrainConfig)
+    add_quiet(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> None:
+    print(train_clip(from_args(CLIPTrainConfig, args), progress=not args.quiet))

@@ -1,0 +1,84 @@
+"""``vqdiff generate``: images from a prompt, one PNG each. The generation flags (``--steps``,
+``--guidance-scale``, ...) are ``GenerationParams``' fields; a flag not given keeps the model
+folder's default (``vqdiff eval`` takes the same flags)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vqdiff.model.cli_args import add_fields, add_quiet, given_fields
+from vqdiff.model.sampling.params import GenerationParams
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, one flag per generation parameter but the seed, --device, --quiet."""
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model folder (diffusers layout); default: $VQDIFF_MODEL, else the embedded model")
+    add_fields(parser, GenerationParams, skip=("seed",), unset=True, unset_help="default: the model folder's")
+    parser.add_argument("--device", default="cpu")
+    add_quiet(parser)
+
+
+def load(args: argparse.Namespace):
+    """The model of ``--model`` (or the default model folder) on ``--device``; sets ``args.model``."""
+    from vqdiff.model.io.default import default_model_dir
+    from vqdiff.model.io.folder import load_model
+
+    if args.model is None:
+        args.model = default_model_dir()
+    return load_model(args.model, device=args.device)
+
+
+def params_from_args(args: argparse.Namespace, model) -> GenerationParams:
+    """The model folder's defaults, overridden by the flags given."""
+    from vqdiff.model.sampling.sampler import request_params
+
+    return request_params(model, given_fields(GenerationParams, args, skip=("seed",)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--out", default="out.png", help="PNG path; with --n > 1, NAME-i.png")
+    parser.add_argument("--n", type=int, default=1, help="images (seeds seed, seed+1, ...)")
+    parser.add_argument("--seed", type=int)
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def png_paths(out: str | Path, n: int) -> list[Path]:
+    """OUT for one image, else OUT-0.png, OUT-1.png, ..."""
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def write_pngs(images, paths: list[Path]) -> None:
+    """(B, 3, H, W) in [0, 1] -> one PNG file per image (server/images.py's conversion)."""
+    from vqdiff.server.images import png_bytes
+
+    for image, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(image))
+
+
+def run(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from vqdiff.model.sampling.rng import random_seed
+    from vqdiff.model.sampling.sampler import sample
+
+    if args.n < 1:
+        raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
+    model = load(args)
+    base = params_from_args(args, model)
+    seed = args.seed if args.seed is not None else random_seed()
+    c = model.config.transformer
+    params = [GenerationParams.from_dict({"seed": seed + i}, base).resolve(
+        num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None)
+        for i in range(args.n)]  # fails here, before any work, on parameters the model cannot take
+    with tqdm(total=max(p.steps for p in params), desc="denoising", unit="step", disable=args.quiet) as bar:
+        result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1))
+    paths = png_paths(args.out, args.n)
+    write_pngs(result.images, paths)
+    for path, p in zip(paths, result.params):
+        print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale}")
