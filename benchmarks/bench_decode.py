@@ -4,7 +4,7 @@ from the same grid decoded alone.
     .venv/bin/python benchmarks/bench_decode.py [--model DIR] [--images 64] [--batches 1,4,16] [--dtype fp32]
 
 The server decodes the grids finished in a step in calls of exactly ``decode_batch`` rows
-(server/images.py). A convolution's kernel, and so the last bits of its output, may depend on the
+(model/io/images.py). A convolution's kernel, and so the last bits of its output, may depend on the
 batch size: this prints what a batch size costs in exactness on this machine, and what it buys in
 speed. Random token grids stand in for generated ones (the decoder sees the same shapes).
 """
@@ -20,7 +20,7 @@ import torch
 
 from vqdiff.model.io.default import default_model_dir
 from vqdiff.model.io.folder import load_model
-from vqdiff.server.images import decode_pngs
+from vqdiff.model.io.images import decode_pngs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import asdict, fields
 
-from vqdiff.model.sampling.params import SEED_MAX, GenerationParams
+from vqdiff.model.sampling.params import GenerationParams
 from vqdiff.server.errors import unauthenticated
 from vqdiff.server.request import Timings
 from vqdiff.server.settings import Settings
@@ -38,11 +38,6 @@ def preview_interval(requested: int | None, settings: Settings, steps: int) -> i
     if requested is not None:
         return requested
     return settings.preview_every or max(1, steps // 8)
-
-
-def image_seed(seed: int, i: int) -> int:
-    """The seed of image ``i`` of a request with ``seed``: ``seed + i``, wrapping past 2^63 - 1 to 0."""
-    return (seed + i) % (SEED_MAX + 1)
 
 
 def timings_dict(t: Timings) -> dict[str, float]:

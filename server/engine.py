@@ -26,8 +26,8 @@ import torch
 
 from vqdiff.model.sampling.rng import random_seed
 from vqdiff.model.sampling.sampler import RequestState, advance, batch_text_kv, start
-from vqdiff.server.api import image_seed
-from vqdiff.server.images import decode_pngs, preview_tokens
+from vqdiff.model.sampling.params import image_seed
+from vqdiff.model.io.images import decode_pngs, preview_tokens
 from vqdiff.server.metrics import Metrics
 from vqdiff.server.request import Event, Failure, Progress, Request, Result, Status, Timings
 from vqdiff.server.scheduler import Draining, QueueFull, Scheduler

@@ -23,7 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from vqdiff.model.sampling.params import SAMPLERS, UNCONDS, GenerationParams
 from vqdiff.model.sampling.sampler import request_params
 from vqdiff.server.aio import ApiEventStream
-from vqdiff.server.api import PARAM_NAMES, image_seed, preview_interval, require_key, timings_dict
+from vqdiff.model.sampling.params import image_seed
+from vqdiff.server.api import PARAM_NAMES, preview_interval, require_key, timings_dict
 from vqdiff.server.engine import Engine
 from vqdiff.server.errors import ApiError, from_failure, invalid
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb

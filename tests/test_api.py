@@ -1,4 +1,4 @@
-"""server/api.py, the layer the HTTP and gRPC front ends share, and ``to_uint8`` of server/images.py."""
+"""server/api.py, the layer the HTTP and gRPC front ends share, and ``to_uint8`` of model/io/images.py."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vqdiff.model.sampling.params import SEED_MAX, GenerationParams
+from vqdiff.model.sampling.params import SEED_MAX, GenerationParams, image_seed
 from vqdiff.server import grpc_app
 from vqdiff.server.api import (
-    PARAM_NAMES, authorized, image_seed, preview_interval, require_key, timings_dict,
+    PARAM_NAMES, authorized, preview_interval, require_key, timings_dict,
 )
 from vqdiff.server.errors import ApiError
-from vqdiff.server.images import png_bytes, to_uint8
+from vqdiff.model.io.images import png_bytes, to_uint8
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.request import Timings
 from vqdiff.server.schemas import GenerateRequest, TimingsOut

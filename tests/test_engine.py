@@ -18,7 +18,7 @@ from vqdiff.model.io.folder import random_model
 from vqdiff.model.sampling.params import GenerationParams
 from vqdiff.model.sampling.sampler import batch_text_kv, sample
 from vqdiff.server.engine import Engine
-from vqdiff.server.images import decode_pngs
+from vqdiff.model.io.images import decode_pngs
 from vqdiff.server.request import Failure, Progress, Request, Result, Status
 from vqdiff.server.scheduler import Draining, QueueFull
 from vqdiff.server.settings import Settings

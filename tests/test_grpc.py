@@ -34,7 +34,7 @@ from vqdiff.model.io.folder import random_model
 from vqdiff.model.sampling.sampler import default_params, sample
 from vqdiff.server.engine import Engine
 from vqdiff.server.grpc_app import SERVICE, start_grpc
-from vqdiff.server.images import decode_pngs
+from vqdiff.model.io.images import decode_pngs
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from vqdiff.server.settings import Settings

@@ -19,7 +19,7 @@ from PIL import Image
 
 from vqdiff.model.io.folder import random_model
 from vqdiff.model.sampling.sampler import request_params, sample
-from vqdiff.server.images import decode_pngs
+from vqdiff.model.io.images import decode_pngs
 from tests.serving import ServerThread
 
 

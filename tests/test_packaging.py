@@ -4,6 +4,7 @@ it, and a wheel that serves the embedded default model from any directory."""
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -43,8 +44,14 @@ def installed(tmp_path_factory) -> Path:
     interpreter's site-packages as a plain path entry (so this checkout's editable install, a .pth
     hook, is not seen there)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"  # a copy: setuptools writes build/ beside the sources it builds
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("vqdiff", "model", "server", "kernels", "models"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     isolation = [] if _setuptools_at_least(68) else ["--use-pep517"]
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(ROOT)]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)]
     build += ["--no-build-isolation"] if not isolation else isolation
     r = subprocess.run(build, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

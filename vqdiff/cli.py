@@ -17,7 +17,7 @@ COMMANDS = (
      "prompt fidelity / quality / diversity on the shapes benchmark"),
     (("convert",), "vqdiff.model.io.commands:add_convert",
      "rewrite a model folder as safetensors (dtype, defaults, provenance)"),
-    (("serve",), "vqdiff.serve:add_arguments",
+    (("serve",), "vqdiff.server.commands:add_arguments",
      "run the inference server: HTTP (default port 8000) and gRPC (50051)"),
     (("data", "shapes"), "vqdiff.model.shapes.commands:add_data_shapes",
      "the procedural shapes dataset (model/shapes/scenes.py), deterministic from a seed"),

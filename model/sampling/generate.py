@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from vqdiff.model.cli_args import add_fields, add_quiet, given_fields
-from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.sampling.params import GenerationParams, image_seed
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +52,14 @@ def png_paths(out: str | Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
-def write_pngs(images, paths: list[Path]) -> None:
-    """(B, 3, H, W) in [0, 1] -> one PNG file per image (server/images.py's conversion)."""
-    from vqdiff.server.images import png_bytes
+def write_pngs(model, tokens, paths: list[Path]) -> None:
+    """(B, N) token grids -> one PNG file per image, each grid decoded alone: the same bytes the
+    server sends for the same request (model/io/images.py)."""
+    from vqdiff.model.io.images import decode_pngs
 
-    for image, path in zip(images, paths):
+    for png, path in zip(decode_pngs(model, tokens, batch=1), paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png_bytes(image))
+        path.write_bytes(png)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -73,12 +74,12 @@ def run(args: argparse.Namespace) -> None:
     base = params_from_args(args, model)
     seed = args.seed if args.seed is not None else random_seed()
     c = model.config.transformer
-    params = [GenerationParams.from_dict({"seed": seed + i}, base).resolve(
+    params = [GenerationParams.from_dict({"seed": image_seed(seed, i)}, base).resolve(
         num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None)
         for i in range(args.n)]  # fails here, before any work, on parameters the model cannot take
     with tqdm(total=max(p.steps for p in params), desc="denoising", unit="step", disable=args.quiet) as bar:
         result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1))
     paths = png_paths(args.out, args.n)
-    write_pngs(result.images, paths)
+    write_pngs(model, result.tokens, paths)
     for path, p in zip(paths, result.params):
         print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale}")

@@ -108,3 +108,8 @@ def _choice(p: GenerationParams, name: str, allowed: tuple[str, ...]) -> None:
     v = getattr(p, name)
     if v not in allowed:
         raise ValueError(f"{name}: {v!r} is not allowed; expected one of {list(allowed)}")
+
+
+def image_seed(seed: int, i: int) -> int:
+    """The seed of image ``i`` of a request with ``seed``: ``seed + i``, wrapping past 2^63 - 1 to 0."""
+    return (seed + i) % (SEED_MAX + 1)
