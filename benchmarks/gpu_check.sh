@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the sampling-step kernels in ONE short run on a GPU machine, under 8 minutes:
-#   1. tests/test_kernels.py (run last) with the compiled kernels on the GPU: every parity test on CUDA tensors
+#   1. tests/unit/test_kernels.py (run last) with the compiled kernels on the GPU: every parity test on CUDA tensors
 #      (hash bits, guided log-probs/purity/truncation, selection, draw, the step, the tiny-model sampler)
 #      and the ITHQ-sized ones marked `gpu`;
 #   2. benchmarks/bench_kernels.py at ITHQ shapes (B = 1, 8, 32; fp32 and bf16);
@@ -40,8 +40,8 @@ timeout 170 "$PY" benchmarks/bench_kernels.py --budget-s 140 --out "$OUT/bench.j
 echo "== benchmarks/gpu_sweep.py"
 timeout 150 "$PY" benchmarks/gpu_sweep.py --budget-s 110 ${SWEEP_ARGS:-} --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" || status=1
 
-echo "== tests/test_kernels.py (compiled kernels on the GPU)"
-timeout 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py --durations=5 \
+echo "== tests/unit/test_kernels.py (compiled kernels on the GPU)"
+timeout 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/unit/test_kernels.py --durations=5 \
   --junitxml="$OUT/kernels_tests.xml" 2>&1 | tee "$OUT/kernels_tests.txt" || status=1
 
 echo "gpu_check: exit $status; results in $OUT"

@@ -59,7 +59,7 @@ done
 
 rm -rf "$WORK" && mkdir -p "$WORK"
 stamp "the trainer's CUDA test, and the dataset ($N images, $WORKERS workers)"
-( $PY -m pytest -q -p no:cacheprovider tests/test_train_transformer.py -k cuda >"$WORK/cuda_test.out" 2>&1; echo "exit $?" >>"$WORK/cuda_test.out" ) &
+( $PY -m pytest -q -p no:cacheprovider tests/integration/test_train_transformer.py -k cuda >"$WORK/cuda_test.out" 2>&1; echo "exit $?" >>"$WORK/cuda_test.out" ) &
 DATA=$WORK/placed
 $VQ data shapes "$DATA" --n "$N" --workers "$WORKERS" --place-rate 1.0 --place-rate-many 0.6 --quiet || exit 1
 wait  # the CUDA test

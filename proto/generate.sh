@@ -2,7 +2,7 @@
 # Regenerates the Python code of the gRPC API from proto/ into server/proto_gen/ (checked in).
 #
 #   proto/generate.sh            # into server/proto_gen/
-#   proto/generate.sh OUT_DIR    # elsewhere (tests/test_grpc.py compares the two, so they cannot drift)
+#   proto/generate.sh OUT_DIR    # elsewhere (tests/e2e/test_grpc.py compares the two, so they cannot drift)
 #
 # PYTHON picks the interpreter (default: python); it needs grpcio-tools at the version pinned in
 # pyproject.toml's test extra, since other versions write different code.

@@ -8,7 +8,7 @@ ends, every request still unfinished is answered 503 with the error envelope and
 answers, then both servers stop and the process exits 0. A second signal ends the grace period at once.
 
 So the process exits within ``grace_s`` + the engine step in progress + ``ANSWER_S`` (+ the decodes
-already running): about ``grace_s`` + 3 s for the embedded model on a CPU (tests/test_drain.py).
+already running): about ``grace_s`` + 3 s for the embedded model on a CPU (tests/e2e/test_drain.py).
 """
 
 from __future__ import annotations

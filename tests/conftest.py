@@ -12,7 +12,7 @@ import torch
 
 # Without CUDA the Triton kernels run under the interpreter. TRITON_INTERPRET must be set before
 # anything imports triton (torch._dynamo does, through vqdiff.model.io.folder), so it is set here, first; the
-# switch (step_ops in model/sampling/step.py) still picks the torch references on a CPU (tests/test_kernels.py
+# switch (step_ops in model/sampling/step.py) still picks the torch references on a CPU (tests/unit/test_kernels.py
 # forces kernels).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -77,3 +77,15 @@ def diffusers_folder(diffusers_pipeline, tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffusers") / "tiny-vqd"
     diffusers_pipeline.save_pretrained(folder)
     return folder
+
+
+LAYERS = ("unit", "integration", "parity", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test carries the marker of the folder it lives in (pyproject.toml lists the layers)."""
+    for item in items:
+        layer = item.path.parent.name
+        if layer not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/<layer>/, layer one of {LAYERS}")
+        item.add_marker(getattr(pytest.mark, layer))

@@ -57,16 +57,12 @@ def data_shapes(args: argparse.Namespace) -> None:
           f"generate(i) for i in [{args.start}, {args.start + args.n}), {rates}")
 
 
-# The command trains longer than the function's default: the shipped models/features is such a run.
-FEATURES_STEPS = 2500
-
-
 def add_train_features(parser: argparse.ArgumentParser) -> None:
     from vqdiff.model.shapes.features import train_features
 
     d = {k: p.default for k, p in inspect.signature(train_features).parameters.items()}
     parser.add_argument("--out", type=Path, required=True, help="folder: model.safetensors, config.json")
-    parser.add_argument("--steps", type=int, default=FEATURES_STEPS, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=d["steps"], help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=d["lr"], help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d["seed"], help="(default: %(default)s)")

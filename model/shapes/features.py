@@ -73,7 +73,7 @@ def batch(indices, seed: int, split: str = "train") -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def train_features(out: str | Path, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+def train_features(out: str | Path, steps: int = 2500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                    progress: bool = True) -> Path:
     """Train on freshly generated images (the dataset seed differs from the generator's training set,
     seed 0), evaluate on the held-out split, save OUT/model.safetensors + OUT/config.json."""

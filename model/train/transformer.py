@@ -67,7 +67,7 @@ class TransformerTrainConfig:
     aux_weight: float | None = arg(None, "weight of the auxiliary x0 cross-entropy beside the KL (none: the preset's, "
                                          "as released; larger weights favour the noisiest steps)")
     precision: str = arg("fp32", "bf16: the forward under bf16 autocast; weights, optimizer and loss stay fp32 "
-                                 "(on a 2-core AMX CPU the shapes preset gains only ~6%)", choices=("fp32", "bf16"))
+                                 "(what it gains where: docs/BENCHMARKS.md, training)", choices=("fp32", "bf16"))
     device: str = arg("cpu", "cpu | cuda | cuda:N (batches are drawn on the CPU either way: the same draws)")
     time_budget_s: float | None = arg(None, "fit the run into this many seconds: after 50 timed steps it fixes "
                                             "--steps (at most the given value) so that the cosine tail ends in time")

@@ -15,7 +15,7 @@ import pytest
 from vqdiff.server.settings import OTHER_VARIABLES, Settings, from_args
 from vqdiff.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # a valid value, not the default, for every setting, as typed on a command line
 SAMPLE = {

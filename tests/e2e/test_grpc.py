@@ -40,7 +40,7 @@ from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from vqdiff.server.settings import Settings
 from tests.serving import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a red circle above a blue square"
 WAIT_S = 10.0  # upper bound of every poll; a failing test must not hang
 

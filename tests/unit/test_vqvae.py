@@ -282,7 +282,7 @@ def test_load_vqvae_reads_a_component_folder_as_load_model_does():
 
     from vqdiff.model.io.folder import load_model, load_vqvae
 
-    root = Path(__file__).resolve().parents[1] / "models" / "default"
+    root = Path(__file__).resolve().parents[2] / "models" / "default"
     alone, whole = load_vqvae(root / "vqvae"), load_model(root).vqvae
     assert not alone.training and alone.state_dict().keys() == whole.state_dict().keys()
     assert all(torch.equal(v, whole.state_dict()[k]) for k, v in alone.state_dict().items())

@@ -15,7 +15,7 @@ import torch
 from vqdiff.server import threads
 from vqdiff.server.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

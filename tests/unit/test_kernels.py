@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if CUDA else "cpu"
 _BEFORE = os.environ.get("TRITON_INTERPRET")
@@ -469,7 +469,7 @@ def tiny_model(tokenizer, tiny_config):
     from vqdiff.model.io.folder import random_model
 
     m = random_model(tiny_config, tokenizer, seed=3).eval()
-    with torch.no_grad():  # confident, varied predictions (as tests/test_sampler.py)
+    with torch.no_grad():  # confident, varied predictions (as tests/unit/test_sampler.py)
         m.transformer.out.weight.mul_(40.0)
         m.null_cond.embeddings.normal_()
     return m.to(DEVICE)

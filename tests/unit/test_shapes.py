@@ -59,8 +59,9 @@ def test_heldout_pairs_only_in_heldout_split():
 
 
 def test_parser_exact_on_rendered_images():
-    ok = sum(reads_as(*(lambda g: (g[0], g[3], g[2]))(generate(i, seed=1))) for i in range(1000))
-    assert ok >= 990, ok  # measured 1000 / 1000
+    """Every rendered image reads as its own scene: the grader is exact where nothing degrades it."""
+    wrong = [i for i in range(300) if not reads_as(*(lambda g: (g[0], g[3], g[2]))(generate(i, seed=1)))]
+    assert wrong == []
 
 
 @pytest.mark.parametrize("blur", [blur_binomial, blur_box])

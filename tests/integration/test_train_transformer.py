@@ -125,7 +125,7 @@ def test_learnable_null_fine_tune_of_a_base_without_one(run):
 
 def test_cli_continues_training_from_a_model_folder(run, capsys):
     # vqdiff.cli's main in this process: a subprocess would spend seconds importing torch for each
-    # call (tests/test_sampler.py runs the real command line once)
+    # call (tests/unit/test_sampler.py runs the real command line once)
     from vqdiff.cli import main
 
     root, data, _ = run

@@ -234,7 +234,7 @@ def test_ithq_folder_configs_read_as_the_ithq_preset():
     """ITHQ's JSON files (no weights) parse into exactly the ``ithq`` preset."""
     from vqdiff.model.config import ithq
 
-    cfg = read_config(Path(__file__).parent / "fixtures" / "ithq")
+    cfg = read_config(Path(__file__).parents[1] / "fixtures" / "ithq")
     want = ithq()
     assert (cfg.transformer, cfg.vqvae.block_out_channels, cfg.vqvae.attention) == (
         want.transformer, want.vqvae.block_out_channels, want.vqvae.attention)
@@ -296,7 +296,7 @@ def test_a_shorter_text_length_round_trips(tokenizer, tiny_config, tmp_path):
 
 def test_cli_convert(diffusers_folder, tmp_path, capsys):
     # vqdiff.cli's main in this process: a subprocess would spend seconds importing torch for each
-    # call (tests/test_sampler.py runs the real command line once)
+    # call (tests/unit/test_sampler.py runs the real command line once)
     from vqdiff.cli import main
 
     out = tmp_path / "half"

@@ -45,7 +45,7 @@ def test_diffusers_pipeline_generates_from_our_folders(tmp_path_factory, tokeniz
         # diffusers' pipeline runs end to end on the folder: every component loads, and the
         # transformer, the scheduler's steps down to t = 0 and the VQ decoder give an image. A few
         # steps run the same code as 100 (that our posterior sampler reproduces this pipeline's
-        # 100-step image is tests/test_sampler.py's parity test).
+        # 100-step image is tests/unit/test_sampler.py's parity test).
         out = pipe(prompt, num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                    output_type="np").images
         side = ours.config.image_size

@@ -48,7 +48,7 @@ def test_bad_swap_pairs_fail_loudly(data, tmp_path, capsys):
         with pytest.raises(ValueError, match="swap"):
             _cfg(data, tmp_path / "x", swap=(bad,))
     # vqdiff.cli's main in this process: a subprocess would spend seconds importing torch
-    # (tests/test_sampler.py runs the real command line once)
+    # (tests/unit/test_sampler.py runs the real command line once)
     from vqdiff.cli import main
 
     capsys.readouterr()

@@ -91,7 +91,7 @@ def test_append_continues_a_folder_and_refuses_to_overwrite(tmp_path):
 
 def cli(capsys, *argv: str) -> tuple[int, str]:
     """``vqdiff ARGV`` in this process (a subprocess would spend seconds importing torch each time):
-    the exit status and stderr. tests/test_sampler.py runs the real ``python -m vqdiff.cli``."""
+    the exit status and stderr. tests/unit/test_sampler.py runs the real ``python -m vqdiff.cli``."""
     from vqdiff.cli import main
 
     capsys.readouterr()

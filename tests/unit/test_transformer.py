@@ -12,9 +12,9 @@ from vqdiff.model.config import ithq
 from vqdiff.model.io.folder import transformer_config_from_diffusers
 from vqdiff.model.net.transformer import VQDiffusionTransformer
 
-from .conftest import randomize_
+from tests.conftest import randomize_
 
-ITHQ = Path(__file__).parent / "fixtures" / "ithq"
+ITHQ = Path(__file__).parents[1] / "fixtures" / "ithq"
 
 
 @pytest.fixture(scope="module")

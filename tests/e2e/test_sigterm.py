@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vqdiff.model.io.folder import random_model, save_model
 from tests.serving import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sigterm_drains_and_exits_zero(tokenizer, tiny_config, tmp_path):

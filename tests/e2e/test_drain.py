@@ -23,7 +23,7 @@ from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from tests.serving import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 1.5
 BOUND_S = 3.0  # server/main.py: the step in progress + ANSWER_S (2 s) + teardown
 
