@@ -24,7 +24,8 @@ ARG EXTRAS="kernels"
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     VQDIFF_HOST=0.0.0.0
-WORKDIR /app
+# the sources are built from /src; the server runs in /app, where no source folder shadows the package
+WORKDIR /src
 
 # dependencies first, read from pyproject.toml: a code change does not reinstall torch
 COPY pyproject.toml ./
@@ -49,6 +50,7 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels --mount=type=sec
     && chmod -R a+rX "$(python -c 'import vqdiff, os; print(os.path.dirname(vqdiff.__file__))')" \
     && useradd --system --uid 10001 vqdiff
 # (chmod: the files keep the build context's modes, which may be unreadable for uid 10001)
+WORKDIR /app
 USER vqdiff
 
 EXPOSE 8000 50051

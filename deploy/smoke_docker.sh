@@ -167,12 +167,12 @@ ok "image $IMAGE built"
 # the image must not hold the local wheels, the CA secret or the build-time pip settings
 # (BuildKit of Docker 20.10 leaves the empty mount points /wheels and /run/secrets: empty is fine)
 leak=$(docker run --rm --network none --entrypoint sh "$IMAGE" -c \
-    'find /wheels /run/secrets /app/.wheels -mindepth 1 2>/dev/null; find / -xdev -name "torch-*.whl" 2>/dev/null;
+    'find /wheels /run/secrets /src/.wheels -mindepth 1 2>/dev/null; find / -xdev -name "torch-*.whl" 2>/dev/null;
      env | grep -E "^(PIP_CERT|PIP_FIND_LINKS|REQUESTS_CA_BUNDLE|SSL_CERT_FILE)="' 2>&1)
 if [ -z "$leak" ]; then ok "image holds no local wheels, no CA secret, no build-time pip settings"; else bad "image leaks: $leak"; fi
 # the installed package must be the source just copied in (not a stale build of the stub packages)
 stale=$(docker run --rm --network none --entrypoint sh "$IMAGE" -c \
-    'sp=$(cd / && python -c "import sysconfig; print(sysconfig.get_paths()[\"purelib\"])") && cd /app &&
+    'sp=$(cd / && python -c "import sysconfig; print(sysconfig.get_paths()[\"purelib\"])") && cd /src &&
      n=0; for f in $(find model server kernels vqdiff -name "*.py"); do
          n=$((n+1)); case "$f" in vqdiff/*) to="$sp/$f";; *) to="$sp/vqdiff/$f";; esac  # vqdiff.model = model/, ...
          cmp -s "$f" "$to" || echo "$f"; done;
