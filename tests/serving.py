@@ -4,11 +4,18 @@ background thread with its own event loop, for end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from vqdiff.server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -70,3 +77,42 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    """``vqdiff ARGV`` in this process (a subprocess would spend seconds importing torch each time):
+    the exit status and stderr. tests/unit/test_sampler.py runs the real ``python -m vqdiff.cli``."""
+    from vqdiff.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def serve_process(folder, *flags: str, ready_s: float = 60) -> tuple[subprocess.Popen, str, int]:
+    """A real ``vqdiff serve`` on loopback for ``folder`` (fp32), once /readyz answers 200:
+    (the process, its HTTP URL, its gRPC port). Its output is piped to ``proc.stdout``."""
+    import httpx
+
+    http_port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vqdiff.cli", "serve", "--model", str(folder), "--host", "127.0.0.1",
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--dtype", "fp32", *flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + ready_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode()[-3000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the server never became ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url, grpc_port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)

@@ -6,13 +6,9 @@ within the grace period plus a small bound."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import httpx
@@ -21,9 +17,7 @@ import torch
 from vqdiff.model.io.folder import random_model, save_model
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
-from tests.serving import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.serving import serve_process
 GRACE_S = 1.5
 BOUND_S = 3.0  # server/main.py: the step in progress + ANSWER_S (2 s) + teardown
 
@@ -48,27 +42,11 @@ def test_past_the_grace_period_every_request_gets_a_clean_answer(tokenizer, tiny
     with torch.no_grad():
         model.transformer.out.weight.mul_(40.0)
     folder = save_model(model, tmp_path / "tiny")
-    http_port, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vqdiff.cli", "serve", "--model", str(folder), "--host", "127.0.0.1",
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-rows", "8",
-         "--grace-s", str(GRACE_S), "--dtype", "fp32"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{http_port}"
+    proc, url, grpc_port = serve_process(folder, "--max-rows", "8", "--grace-s", str(GRACE_S))
     # 16 requests of 4 images, one batch of 8 rows at a time: ~0.3 s each on a CPU, far past the grace
     body = {"prompt": "a red circle", "sampler": "posterior", "steps": 100, "n": 4}
     plain, streams, rpcs = [], [], []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the server never became ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         stub = generate_pb2_grpc.ImageGenerationStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
 
         def http_client(i: int) -> None:

@@ -3,13 +3,9 @@ requests are refused, accepted ones finish within the grace period, and the proc
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import httpx
@@ -17,9 +13,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vqdiff.model.io.folder import random_model, save_model
-from tests.serving import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.serving import serve_process
 
 
 def test_sigterm_drains_and_exits_zero(tokenizer, tiny_config, tmp_path):
@@ -27,23 +21,8 @@ def test_sigterm_drains_and_exits_zero(tokenizer, tiny_config, tmp_path):
     with torch.no_grad():
         model.transformer.out.weight.mul_(40.0)
     folder = save_model(model, tmp_path / "tiny")
-    http_port, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vqdiff.cli", "serve", "--model", str(folder), "--host", "127.0.0.1",
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-rows", "8", "--grace-s", "60", "--dtype", "fp32"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{http_port}"
+    proc, url, grpc_port = serve_process(folder, "--max-rows", "8", "--grace-s", "60")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the server never became ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
         assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
 

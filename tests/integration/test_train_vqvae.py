@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from vqdiff.model.train.data import ImageCaptionFolder, read_index, write_folder
 from vqdiff.model.train.vqvae import VQVAETrainConfig, train_vqvae
+from tests.serving import cli
 
 
 def _images(n: int, size: int = 16, seed: int = 0):
@@ -87,19 +88,6 @@ def test_append_continues_a_folder_and_refuses_to_overwrite(tmp_path):
     assert [c for _, c in pairs] == [f"a square number {i}" for i in (0, 1, 2, 0, 1)]
     second = next(_images(2, seed=2))[0]
     assert np.array_equal(np.asarray(Image.open(pairs[3][0])), second)  # the appended images, in order
-
-
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    """``vqdiff ARGV`` in this process (a subprocess would spend seconds importing torch each time):
-    the exit status and stderr. tests/unit/test_sampler.py runs the real ``python -m vqdiff.cli``."""
-    from vqdiff.cli import main
-
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def test_cli_data_shapes_writes_generate_in_order(tmp_path, capsys):

@@ -17,6 +17,7 @@ from vqdiff.model.io.folder import load_model, random_model, save_model
 from vqdiff.model.sampling.params import GenerationParams
 from vqdiff.model.sampling.sampler import advance, default_params, plan, sample, start
 from vqdiff.model.sampling.step import POSTERIOR, BatchParams, denoise_step
+from tests.serving import cli
 
 
 @pytest.fixture(scope="module")
@@ -144,19 +145,6 @@ def test_params_checked_against_the_model(tiny_model):
         sample(tiny_model, ["a"], GenerationParams(steps=100, seed=0))
     with pytest.raises(ValueError, match="unknown generation parameter"):
         GenerationParams.from_dict({"guidance": 3})
-
-
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    """``vqdiff ARGV`` in this process (a subprocess would spend seconds importing torch each time):
-    the exit status and stderr. test_cli_bad_model_folder runs the real ``python -m vqdiff.cli``."""
-    from vqdiff.cli import main
-
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def test_cli_generates_a_png(tiny_model, tmp_path, capsys):
