@@ -7,6 +7,7 @@ traceback."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -41,11 +42,17 @@ class _Parser(argparse.ArgumentParser):
     adder: str | None = None
 
     def parse_known_args(self, args=None, namespace=None):
-        if self.adder is not None:
+        leaf = self.adder is not None
+        if leaf:
             module, name = self.adder.split(":")
             self.adder = None
             getattr(importlib.import_module(module), name)(self)
-        return super().parse_known_args(args, namespace)
+        namespace, extras = super().parse_known_args(args, namespace)
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for extra in extras if leaf else ():  # a subcommand's unknown flag: name the closest one
+            if close := difflib.get_close_matches(extra.split("=", 1)[0], flags, n=1, cutoff=0.6):
+                self.error(f"unrecognized argument {extra}: did you mean {close[0]}?")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

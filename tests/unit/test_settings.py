@@ -148,7 +148,9 @@ def test_vqdiff_serve_refuses_a_misspelt_variable_in_one_line():
 def test_vqdiff_serve_refuses_a_misspelt_flag():
     r = _serve(["--max-row", "8"], {})
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.splitlines()[-1] == "vqdiff: error: unrecognized arguments: --max-row 8"
+    assert r.stderr.splitlines()[-1] == "vqdiff serve: error: unrecognized argument --max-row: did you mean --max-rows?"
+    r = _serve(["--no-such-thing"], {})  # nothing close: argparse's own message
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == "vqdiff: error: unrecognized arguments: --no-such-thing"
 
 
 def test_bad_settings_fail_before_torch_loads():
