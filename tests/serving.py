@@ -116,3 +116,46 @@ def serve_process(folder, *flags: str, ready_s: float = 60) -> tuple[subprocess.
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, in memory only (no RDB, no AOF), for the tests
+    of the scale-out roles. ``stop()`` then ``start()`` again keeps the port: a Redis outage."""
+
+    def __init__(self, workdir: Path):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            import pytest
+
+            if os.environ.get("CI"):
+                raise RuntimeError("redis-server is not installed (.ci/run installs it)")
+            pytest.skip("redis-server is not installed")
+        self.workdir, self.port, self.proc = workdir, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
