@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> None:
     from vqdiff.server.threads import set_wait_policy
 
     settings = from_args(args)  # bad settings fail here, before torch or the model loads
+    settings.check_role()
     set_wait_policy(settings.omp_wait_policy)  # libgomp reads it once, when torch loads it: first
     from vqdiff.server.main import serve
 

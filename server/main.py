@@ -157,8 +157,25 @@ async def serve_async(settings: Settings, model=None, folder: Path | None = None
 
 
 def serve(settings: Settings) -> None:
+    """``vqdiff serve``: the role's process (``single``: this module's ``Server``; ``worker``:
+    server/worker.py; ``api``: server/remote.py)."""
     from vqdiff.server import threads
 
+    settings.check_role()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.role == "api":
+        import importlib.util
+
+        if importlib.util.find_spec("vqdiff.server.remote") is None:
+            raise ValueError("--role api: this installation has no API role (vqdiff.server.remote is missing)")
+        from vqdiff.server.remote import serve_api
+
+        serve_api(settings)
+        return
     threads.apply(settings)  # before the engine's threads run a torch op: each keeps the count it first saw
+    if settings.role == "worker":
+        from vqdiff.server.worker import serve_worker
+
+        serve_worker(settings)
+        return
     asyncio.run(Server(settings).run())

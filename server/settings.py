@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "VQDIFF_"
+ROLES = ("single", "worker", "api")
 
 # VQDIFF_* variables that belong to the project but are not server settings; anything else with the
 # prefix is refused at start-up.
@@ -69,6 +70,15 @@ class Settings:
                                          "between parallel regions, which steals CPU from the decode "
                                          "threads and the HTTP/gRPC loops (server/threads.py)")
     api_keys: tuple[str, ...] = _s((), "comma-separated bearer keys; none: no authentication")
+    role: str = _s("single", "single (engine and both front ends in one process) | worker (the engine, taking "
+                             "jobs from Redis: server/worker.py) | api (the front ends, sending jobs to Redis)")
+    redis_url: str | None = _s(None, "the Redis that API nodes and workers share (redis://HOST:PORT/DB); "
+                                     "required for --role worker and --role api")
+    worker_name: str | None = _s(None, "this worker's consumer name in Redis; none: HOSTNAME-PID")
+    lease_s: float = _s(5.0, "worker lease: heartbeat every lease/3; a worker silent this long is dead and "
+                             "its jobs go to another worker")
+    max_deliveries: int = _s(3, "times a job is handed to a worker before it is dead-lettered and failed")
+    worker_port: int = _s(8001, "worker role: port of /healthz, /readyz and /metrics; 0 disables them")
 
     def __post_init__(self) -> None:
         if self.max_images is None and isinstance(self.max_rows, int):
@@ -93,6 +103,21 @@ class Settings:
         check("decode_batch", self.decode_batch >= 1, "an integer >= 1")
         check("intra_op_threads", self.intra_op_threads >= 0, "an integer >= 0 (0: choose automatically)")
         check("omp_wait_policy", self.omp_wait_policy in ("passive", "active"), "passive | active")
+        check("role", self.role in ROLES, " | ".join(ROLES))
+        check("redis_url", self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+              "a redis://, rediss:// or unix:// URL")
+        check("worker_name", self.worker_name is None or (self.worker_name.strip() == self.worker_name != ""),
+              "a name without surrounding spaces")
+        check("lease_s", self.lease_s > 0, "seconds > 0")
+        check("max_deliveries", self.max_deliveries >= 1, "an integer >= 1")
+        check("worker_port", 0 <= self.worker_port < 65536, "a port in 0..65535 (0 disables it)")
+
+    def check_role(self) -> None:
+        """What the role needs besides valid values: the worker and api roles share a Redis. Checked
+        when the server starts, as one setting alone can't tell."""
+        if self.role != "single" and not self.redis_url:
+            raise BadSetting("redis_url", self.redis_url, f"a redis:// URL: --role {self.role} needs one",
+                             source=f"{flag_name('redis_url')} (${env_name('redis_url')})")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
