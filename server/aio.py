@@ -3,6 +3,10 @@
 ``EventStream`` submits a request whose events land in an ``asyncio.Queue`` on the caller's loop;
 leaving the ``async with`` block before the final event cancels the request, so a client that goes
 away frees its batch slot at the next step boundary.
+
+An engine may hand each event an id (``emit(event, event_id)``): the API role's ``RemoteEngine``
+passes the Redis entry id, which the SSE stream sends as ``id:`` so that a client can resume.
+``ResumeStream`` follows an existing request's events after such an id instead of submitting.
 """
 
 from __future__ import annotations
@@ -12,24 +16,29 @@ import asyncio
 from vqdiff.server.engine import Draining, Engine, QueueFull
 from vqdiff.server.errors import from_submit
 from vqdiff.server.request import Event, Failure, Request, Result
+from vqdiff.server.scheduler import Unavailable, UnknownRequest
 
 
 class EventStream:
     def __init__(self, engine: Engine, req: Request):
         self.engine, self.req = engine, req
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Event, str | None]] = asyncio.Queue()
         self.finished = False
+        self.last_id: str | None = None  # the id of the event ``next`` returned last (None: the engine gives none)
 
-    async def __aenter__(self) -> EventStream:
+    def _emitter(self):
         loop = asyncio.get_running_loop()
 
-        def emit(event: Event) -> None:  # engine or decode thread
+        def emit(event: Event, event_id: str | None = None) -> None:  # engine or decode thread
             try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+                loop.call_soon_threadsafe(self.queue.put_nowait, (event, event_id))
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-        self.req.emit = emit
+        return emit
+
+    async def __aenter__(self) -> EventStream:
+        self.req.emit = self._emitter()
         self.engine.submit(self.req)  # raises ValueError / QueueFull / Draining; nothing queued then
         return self
 
@@ -40,7 +49,7 @@ class EventStream:
     async def next(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds without one."""
         try:
-            event = await asyncio.wait_for(self.queue.get(), timeout)
+            event, self.last_id = await asyncio.wait_for(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
         if isinstance(event, (Result, Failure)):
@@ -48,12 +57,36 @@ class EventStream:
         return event
 
 
+REFUSALS = (ValueError, QueueFull, Draining, Unavailable, UnknownRequest)
+
+
 class ApiEventStream(EventStream):
-    """``EventStream`` whose refusals (bad input, queue full, draining) are ``ApiError``s: what the
-    HTTP and gRPC handlers use."""
+    """``EventStream`` whose refusals (bad input, queue full, draining, unavailable) are ``ApiError``s:
+    what the HTTP and gRPC handlers use."""
 
     async def __aenter__(self) -> ApiEventStream:
         try:
             return await super().__aenter__()
-        except (ValueError, QueueFull, Draining) as e:
+        except REFUSALS as e:
             raise from_submit(e) from None
+
+
+class ResumeStream(EventStream):
+    """The events of the request ``req.id`` after event id ``after``, through ``engine.follow``
+    (engines without it answer ``UnknownRequest``). Refusals are ``ApiError``s."""
+
+    def __init__(self, engine: Engine, req: Request, after: str):
+        super().__init__(engine, req)
+        self.after = after
+
+    async def __aenter__(self) -> ResumeStream:
+        self.req.emit = self._emitter()
+        follow = getattr(self.engine, "follow", None)
+        try:
+            if follow is None:
+                raise UnknownRequest(f"{self.req.id}: this server keeps no request events to resume "
+                                     f"(only the API role, which keeps them in Redis, does)")
+            follow(self.req, self.after)
+        except REFUSALS as e:
+            raise from_submit(e) from None
+        return self

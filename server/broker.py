@@ -16,6 +16,10 @@ Keys (``vqdiff:`` prefix):
   whose lease expired is dead: another worker claims its pending jobs.
 - ``dead``: jobs delivered ``max_deliveries`` times without finishing, with the reason.
 - ``models``: hash, model name -> what its workers publish (config, defaults).
+- ``known:{job}``: set by the API node that enqueued the job (its model), so that any API node can
+  tell a job whose events have not begun from one that never existed.
+- ``resumes:{job}``: how many times a client resumed the job's events; an API node whose client went
+  away cancels the job only if nobody resumed it in the meantime.
 """
 
 from __future__ import annotations
@@ -176,6 +180,42 @@ class Broker:
         """The job's events after entry id ``after`` (waits up to ``block_ms`` when there are none)."""
         got = self.r.xread({key("events", job_id): after}, block=block_ms, count=100)
         return [(eid.decode(), decode_event(fields)) for _, entries in got for eid, fields in entries]
+
+    def follow(self, after: dict[str, str], block_ms: int | None = None) -> list[tuple[str, str, Event]]:
+        """The events of several jobs at once, each after its own entry id: (job, entry id, event).
+        Waits up to ``block_ms`` when there are none."""
+        if not after:
+            return []
+        got = self.r.xread({key("events", j): a for j, a in after.items()}, block=block_ms, count=100)
+        prefix = key("events", "")
+        return [(stream.decode().removeprefix(prefix), eid.decode(), decode_event(fields))
+                for stream, entries in got for eid, fields in entries]
+
+    def last_event(self, job_id: str) -> tuple[str, Event] | None:
+        got = self.r.xrevrange(key("events", job_id), count=1)
+        return (got[0][0].decode(), decode_event(got[0][1])) if got else None
+
+    def remember(self, job: Job) -> None:
+        self.r.set(key("known", job.id), job.model, ex=EVENTS_TTL_S)
+
+    def known(self, job_id: str) -> bool:
+        return bool(self.r.exists(key("known", job_id), key("events", job_id)))
+
+    def done(self, job_id: str) -> bool:
+        return bool(self.r.exists(key("done", job_id)))
+
+    def resumed(self, job_id: str) -> int:
+        """Count one more resume of the job's events; the count after it."""
+        p = self.r.pipeline()
+        p.incr(key("resumes", job_id))
+        p.expire(key("resumes", job_id), EVENTS_TTL_S)
+        return int(p.execute()[0])
+
+    def resumes(self, job_id: str) -> int:
+        return int(self.r.get(key("resumes", job_id)) or 0)
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())
 
     # -- cancellation ---------------------------------------------------------------------------------
 

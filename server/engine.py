@@ -35,7 +35,7 @@ from vqdiff.server.settings import Settings
 
 log = logging.getLogger("vqdiff.engine")
 
-__all__ = ["Engine", "QueueFull", "Draining"]
+__all__ = ["Engine", "QueueFull", "Draining", "validate", "timeout_s"]
 
 
 class _Ordered:
@@ -145,21 +145,11 @@ class Engine:
         nothing is queued. ``req.params`` comes back resolved (seed and uncond filled in)."""
         s = self.settings
         try:
-            if not isinstance(req.n, int) or not 1 <= req.n <= s.max_images:
-                raise ValueError(f"n: {req.n!r} is not allowed; expected an integer in [1, {s.max_images}]")
-            if len(req.prompt) > s.max_prompt_chars:
-                raise ValueError(f"prompt: {len(req.prompt)} characters is too long; at most {s.max_prompt_chars}")
-            _check_text("prompt", req.prompt)
-            _check_text("negative_prompt", req.params.negative_prompt)
-            if req.preview_every < 0:
-                raise ValueError(f"preview_every: {req.preview_every} is not allowed; expected an integer >= 0")
-            req.params = req.params.resolve(num_tokens=self.num_tokens, num_timesteps=self.num_timesteps,
-                                            has_null=self.model.null_cond is not None, seed=random_seed())
+            validate(req, s, self.model)
         except ValueError:
             self.metrics.count("invalid")
             raise
-        timeout = s.request_timeout_s if req.timeout_s is None else min(req.timeout_s, s.request_timeout_s)
-        req.deadline = req.arrival + timeout
+        req.deadline = req.arrival + timeout_s(req, s)
         with self._cond:
             try:
                 self.scheduler.add(req)
@@ -361,6 +351,29 @@ class Engine:
         so that every scrape reads the truth, an idle server included."""
         self.metrics.label(self.metrics.running).set(len(self.scheduler.running))
         self.metrics.label(self.metrics.waiting).set(len(self.scheduler.waiting))
+
+
+def validate(req: Request, limits, model) -> None:
+    """Check a request against the server's limits (``max_images``, ``max_prompt_chars``) and the
+    model (``config.transformer.num_tokens`` / ``num_timesteps``, ``null_cond``), and resolve its
+    parameters with a fresh seed when it gave none. Raises ValueError naming the field. The engine
+    and the API role's ``RemoteEngine`` (server/remote.py) both call it."""
+    if not isinstance(req.n, int) or not 1 <= req.n <= limits.max_images:
+        raise ValueError(f"n: {req.n!r} is not allowed; expected an integer in [1, {limits.max_images}]")
+    if len(req.prompt) > limits.max_prompt_chars:
+        raise ValueError(f"prompt: {len(req.prompt)} characters is too long; at most {limits.max_prompt_chars}")
+    _check_text("prompt", req.prompt)
+    _check_text("negative_prompt", req.params.negative_prompt)
+    if req.preview_every < 0:
+        raise ValueError(f"preview_every: {req.preview_every} is not allowed; expected an integer >= 0")
+    c = model.config.transformer
+    req.params = req.params.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps,
+                                    has_null=model.null_cond is not None, seed=random_seed())
+
+
+def timeout_s(req: Request, limits) -> float:
+    """Seconds the request may take, queueing included: its own timeout capped by ``request_timeout_s``."""
+    return limits.request_timeout_s if req.timeout_s is None else min(req.timeout_s, limits.request_timeout_s)
 
 
 def _check_text(name: str, text: str | None) -> None:

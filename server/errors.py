@@ -7,7 +7,7 @@ import re
 import grpc
 
 from vqdiff.server.request import Status
-from vqdiff.server.scheduler import Draining, QueueFull
+from vqdiff.server.scheduler import Draining, QueueFull, Unavailable, UnknownRequest
 
 
 class ApiError(Exception):
@@ -52,6 +52,10 @@ def _from_submit(e: Exception, retry_after_s: int) -> ApiError:
                         grpc.StatusCode.RESOURCE_EXHAUSTED, {"Retry-After": str(retry_after_s)})
     if isinstance(e, Draining):
         return unavailable("the server is shutting down and takes no new requests")
+    if isinstance(e, Unavailable):
+        return unavailable(f"the server cannot take requests now: {e}")
+    if isinstance(e, UnknownRequest):
+        return ApiError(404, str(e), "not_found", None, "not_found", grpc.StatusCode.NOT_FOUND)
     if isinstance(e, ValueError):
         return invalid(str(e))
     raise e

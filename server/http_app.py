@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vqdiff.model.sampling.sampler import default_params, request_params
-from vqdiff.server.aio import ApiEventStream
+from vqdiff.server.aio import ApiEventStream, ResumeStream
 from vqdiff.server.api import preview_interval, require_key
 from vqdiff.server.docs import add_docs
 from vqdiff.server.engine import Engine
@@ -130,9 +130,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
         if body.stream:
             # submit before the first byte: a refusal (422 / 429 / 503) is a status, not an event
             events = await ApiEventStream(engine, req).__aenter__()
-            return StreamingResponse(sse(req, events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(events.__aexit__))  # runs after a disconnect too
+            return event_stream(sse(req, events), events)
         result = await run(http, req)
         if result is None:
             return Response(status_code=499)
@@ -141,27 +139,45 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
                             headers={"X-Request-Id": req.id, "X-Seed": str(result.seeds[0])})
         return GenerateResponse.of(req.id, result)
 
-    async def sse(req: Request, events: ApiEventStream):
+    def event_stream(body, events) -> StreamingResponse:
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(events.__aexit__))  # runs after a disconnect too
+
+    async def sse(req: Request, events: ApiEventStream, resumed: bool = False):
         """Progress events with previews, heartbeats while nothing happens, then one final event
-        (``result``, or ``error`` for what failed after the stream began)."""
+        (``result``, or ``error`` for what failed after the stream began). Where the engine gives
+        event ids (the API role), each event carries one (``id:``) to resume after."""
         try:
-            yield f"event: queued\ndata: {json.dumps({'id': req.id, 'seed': req.params.seed})}\n\n"
+            if not resumed:
+                yield f"event: queued\ndata: {json.dumps({'id': req.id, 'seed': req.params.seed})}\n\n"
             while True:
                 event = await events.next(settings.heartbeat_s)
+                eid = f"id: {events.last_id}\n" if event is not None and events.last_id else ""
                 if event is None:
                     yield ": heartbeat\n\n"
                 elif isinstance(event, Progress):
                     data = {"id": req.id, "step": event.step, "total": event.total, "unmasked": event.unmasked,
                             "previews": [b64(p) for p in event.previews]}
-                    yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+                    yield f"{eid}event: progress\ndata: {json.dumps(data)}\n\n"
                 elif isinstance(event, Result):
-                    yield f"event: result\ndata: {GenerateResponse.of(req.id, event).model_dump_json()}\n\n"
+                    yield f"{eid}event: result\ndata: {GenerateResponse.of(req.id, event).model_dump_json()}\n\n"
                     return
                 else:
-                    yield f"event: error\ndata: {json.dumps(from_failure(event.status, event.message).body())}\n\n"
+                    yield f"{eid}event: error\ndata: {json.dumps(from_failure(event.status, event.message).body())}\n\n"
                     return
         finally:
             await events.__aexit__(None, None, None)  # before the final event: cancels the request
+
+    @app.get("/v1/generate/{req_id}/events", responses={404: {"model": ErrorResponse}, **ERRORS},
+             dependencies=[Depends(authorize)])
+    async def resume(req_id: str, http: HttpRequest, after: str | None = None):
+        """A streamed request's events after the id in ``Last-Event-ID`` (or ``?after=``; none: from the
+        start), followed to its final event. Only the API role keeps events to resume (in Redis, so
+        any API node answers); a single-process server answers 404."""
+        req = Request(prompt="", params=defaults, id=req_id)
+        events = await ResumeStream(engine, req, http.headers.get("last-event-id") or after or "0").__aenter__()
+        return event_stream(sse(req, events, resumed=True), events)
 
     @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=ERRORS,
               dependencies=[Depends(authorize)])

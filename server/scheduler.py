@@ -26,6 +26,14 @@ class Draining(Exception):
     """The server is shutting down and takes no new requests."""
 
 
+class Unavailable(Exception):
+    """What the request needs cannot be reached now (the API role: Redis is down); retry later."""
+
+
+class UnknownRequest(Exception):
+    """No request with this id is known (resuming the events of a request that never existed or expired)."""
+
+
 @dataclass
 class ScheduleOutput:
     admitted: list[Request] = field(default_factory=list)  # new this step: encode their text first
