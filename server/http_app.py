@@ -108,7 +108,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
         if body.preview_every is not None and body.preview_every < 0:
             raise invalid(f"preview_every: {body.preview_every} is not allowed; expected an integer >= 0")
         preview = preview_interval(body.preview_every, settings, params.steps) if body.stream else 0
-        return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview)
+        return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview, resumable=body.stream)
 
     async def run(http: HttpRequest, req: Request) -> Result:
         """Submit and wait for the result; a client that disconnects cancels the request."""
@@ -175,7 +175,7 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
         """A streamed request's events after the id in ``Last-Event-ID`` (or ``?after=``; none: from the
         start), followed to its final event. Only the API role keeps events to resume (in Redis, so
         any API node answers); a single-process server answers 404."""
-        req = Request(prompt="", params=defaults, id=req_id)
+        req = Request(prompt="", params=defaults, id=req_id, resumable=True)
         events = await ResumeStream(engine, req, http.headers.get("last-event-id") or after or "0").__aenter__()
         return event_stream(sse(req, events, resumed=True), events)
 

@@ -20,7 +20,8 @@ Refusals:
   in a single process, now summed over every worker of the model;
 - Redis unreachable: ``Unavailable`` (503 + Retry-After); ``ready`` is False meanwhile.
 
-A client that goes away cancels its job only after ``cancel_delay_s`` and only if nobody resumed the
+A plain or gRPC client that goes away cancels its job at once (its worker frees the rows within a
+step); an SSE client's job is cancelled only after ``cancel_delay_s`` and only if nobody resumed the
 job's events in between (``Broker.resumed``): a stream cut by the network can be picked up again.
 """
 
@@ -112,6 +113,7 @@ class _Follower:
     req: Request
     after: str  # the last entry id delivered
     deadline: float  # monotonic
+    resumes: int = 0  # the job's resume count when this follower started: a later resume keeps the job
 
 
 def _after(a: str, b: str) -> bool:
@@ -261,7 +263,7 @@ class RemoteEngine:
         try:
             if not self.broker.known(req.id):
                 raise UnknownRequest(f"no request {req.id!r} is known (its events expire an hour after it finished)")
-            self.broker.resumed(req.id)
+            resumes = self.broker.resumed(req.id)
             last = self.broker.last_event(req.id) if self.broker.done(req.id) else None
         except redis.RedisError as e:
             self._redis_error(e)
@@ -269,26 +271,21 @@ class RemoteEngine:
         if last is not None and not _after(last[0], after):  # finished, and the client saw everything
             req.emit(last[1], last[0])
             return req
-        self._add(_Follower(req, after, time.monotonic() + self.limits.request_timeout_s + DEADLINE_SLACK_S))
+        self._add(_Follower(req, after, time.monotonic() + self.limits.request_timeout_s + DEADLINE_SLACK_S, resumes))
         return req
 
     def cancel(self, req: Request) -> None:
-        """The client went away: stop relaying now; cancel the job after ``cancel_delay_s`` unless
-        a client resumed it meanwhile."""
+        """The client went away: stop relaying now and cancel the job, at once when its client cannot
+        come back (a plain request, gRPC), else (an SSE stream) after ``cancel_delay_s`` unless a
+        client resumed it meanwhile."""
         with self._cond:
             mine = [f for f in self._followers if f.req is req]
             if not mine:
                 return  # finished already
             self._followers = [f for f in self._followers if f.req is not req]
             self._publish()
-            self._cond.notify_all()
-        try:
-            resumes = self.broker.resumes(req.id)
-        except redis.RedisError as e:
-            self._redis_error(e)
-            resumes = None
-        with self._cond:
-            self._cancels.append((time.monotonic() + self.cancel_delay_s, req.id, resumes))
+            delay = self.cancel_delay_s if req.resumable else 0.0
+            self._cancels.append((time.monotonic() + delay, req.id, mine[0].resumes))
             self._cond.notify_all()
 
     # -- the relay (its own thread) ----------------------------------------------------------------

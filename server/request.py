@@ -86,6 +86,7 @@ class Request:
     params: GenerationParams
     n: int = 1
     preview_every: int = 0  # 0: no previews
+    resumable: bool = False  # an SSE stream: its client may reconnect with Last-Event-ID
     emit: Callable[[Event], None] = lambda event: None
     timeout_s: float | None = None  # None: the engine's default deadline
     id: str = field(default_factory=new_id)

@@ -216,6 +216,18 @@ def test_a_client_that_goes_away_cancels_its_job(api, worker, broker):
         wait_for(lambda: not api.engine.scheduler.running)
 
 
+def test_a_plain_client_that_goes_away_cancels_its_job_at_once(redis_server, broker, worker):
+    """No resume is possible without the stream's ids: the cancel does not wait for one."""
+    worker.release.clear()  # the job waits after its first progress event
+    with ApiThread(redis_server.url, cancel_delay_s=60) as a:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{a.url}/v1/generate", json={"prompt": "a cat"}, timeout=0.5)
+        t0 = time.monotonic()
+        wait_for(lambda: bool(broker.r.keys("vqdiff:cancel:*")), timeout=5)
+        assert time.monotonic() - t0 < 2  # within a poll of the handler, not after the 60 s resume window
+        worker.release.set()
+
+
 def test_a_full_queue_is_429_with_retry_after(redis_server, broker, worker):
     worker.pause()  # nothing leaves the queue
     with ApiThread(redis_server.url, max_waiting=1) as api, httpx.Client(base_url=api.url, timeout=10) as c:
