@@ -79,6 +79,16 @@ def diffusers_folder(diffusers_pipeline, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server for one test module (tests/serving.py ``RedisServer``)."""
+    from tests.serving import RedisServer
+
+    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield s
+    s.stop()
+
+
 LAYERS = ("unit", "integration", "parity", "e2e")
 
 

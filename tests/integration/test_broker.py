@@ -12,22 +12,14 @@ from vqdiff.model.sampling.params import GenerationParams
 from vqdiff.server.broker import Broker, key
 from vqdiff.server.jobs import Job, decode_event, event_fields
 from vqdiff.server.request import Failure, Progress, Result, Status, Timings
-from tests.serving import RedisServer
 
 MODEL = "tiny"
 LEASE_S = 0.3
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
-def broker(server):
-    b = Broker(server.url)
+def broker(redis_server):
+    b = Broker(redis_server.url)
     b.r.flushdb()
     return b
 

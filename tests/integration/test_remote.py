@@ -128,13 +128,6 @@ def wait_for(check, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
 def broker(redis_server):
     b = Broker(redis_server.url)

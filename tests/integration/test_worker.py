@@ -22,16 +22,9 @@ from vqdiff.server.jobs import Job
 from vqdiff.server.request import Failure, Progress, Request, Result, Status
 from vqdiff.server.settings import Settings
 from vqdiff.server.worker import Worker
-from tests.serving import ROOT, RedisServer, free_port
+from tests.serving import ROOT, free_port
 
 MAX_ROWS = 8
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture
