@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
         num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None)
         for i in range(args.n)]  # fails here, before any work, on parameters the model cannot take
     with tqdm(total=max(p.steps for p in params), desc="denoising", unit="step", disable=args.quiet) as bar:
-        result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1))
+        result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1), decode=False)
     paths = png_paths(args.out, args.n)
     write_pngs(model, result.tokens, paths)
     for path, p in zip(paths, result.params):

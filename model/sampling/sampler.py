@@ -166,7 +166,7 @@ def start(model, prompts: list[str], params: list[GenerationParams]) -> list[Req
 
 @dataclass
 class SampleResult:
-    images: Tensor  # (B, 3, H, W) in [0, 1]
+    images: Tensor | None  # (B, 3, H, W) in [0, 1]; None when sampled with decode=False
     tokens: Tensor  # (B, N)
     params: list[GenerationParams]  # as resolved (seeds filled in)
 
@@ -174,10 +174,11 @@ class SampleResult:
 @torch.no_grad()
 def sample(
     model, prompts: list[str], params: GenerationParams | list[GenerationParams] | None = None,
-    on_step: Callable[[list[RequestState]], None] | None = None,
+    on_step: Callable[[list[RequestState]], None] | None = None, decode: bool = True,
 ) -> SampleResult:
     """Generate one image per prompt. Requests may have different samplers and step counts; each
-    step runs one forward over the requests still running."""
+    step runs one forward over the requests still running. ``decode=False``: tokens only (a caller
+    that decodes them its own way, e.g. one grid at a time)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if params is None:
@@ -192,4 +193,5 @@ def sample(
         if on_step is not None:
             on_step(states)
     tokens = torch.stack([s.tokens for s in states])  # (B, N)
-    return SampleResult(images=model.decode(tokens), tokens=tokens, params=[s.params for s in states])
+    images = model.decode(tokens) if decode else None  # (B, 3, H, W)
+    return SampleResult(images=images, tokens=tokens, params=[s.params for s in states])

@@ -45,7 +45,7 @@ def pixels(png: bytes) -> np.ndarray:
 
 def alone(model, prompt: str, **kw) -> np.ndarray:
     """The request run on its own, its grid decoded on its own: what the server must send, bit for bit."""
-    tokens = sample(model, [prompt], request_params(model, kw)).tokens  # (1, N)
+    tokens = sample(model, [prompt], request_params(model, kw), decode=False).tokens  # (1, N)
     return pixels(decode_pngs(model, tokens, batch=1)[0])
 
 

@@ -78,7 +78,7 @@ def alone(model, prompt: str, n: int = 1, **kw) -> list[np.ndarray]:
     """The images of the request run on its own: its tokens, each grid decoded on its own (as the
     engine decodes with decode_batch=1), so a served image must equal these bit for bit."""
     params = [GenerationParams(**{**kw, "seed": kw["seed"] + i}) for i in range(n)]
-    tokens = sample(model, [prompt] * n, params).tokens  # (n, N)
+    tokens = sample(model, [prompt] * n, params, decode=False).tokens  # (n, N)
     return [pixels(png) for png in decode_pngs(model, tokens, batch=1)]
 
 
