@@ -159,3 +159,24 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def chromium(module_level: bool = False) -> str:
+    """The system Chromium's path, with playwright to drive it; else skip, or fail under CI (where
+    .ci/run installs both)."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+        have_playwright = True
+    except ImportError:
+        have_playwright = False
+    if path is None or not have_playwright:
+        missing = "chromium" if path is None else "the playwright package"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} is not installed; CI must run the browser test", pytrace=False)
+        pytest.skip(f"{missing} is not installed", allow_module_level=module_level)
+    return path

@@ -4,9 +4,7 @@ still render the API (skipped without Chromium, except under CI, where a missing
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +17,7 @@ import vqdiff.server.docs as docs
 from vqdiff.model.io.folder import random_model
 from vqdiff.server.docs import ASSETS, add_docs
 from tests.serving import ServerThread
+from tests.serving import chromium as chromium_path
 
 TIMEOUT_MS = 15_000
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
@@ -80,16 +79,9 @@ def test_missing_assets_are_named(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def chromium():
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if path is None or sync_playwright is None:
-        missing = "chromium" if path is None else "the playwright package"
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} is not installed; CI must run the browser test", pytrace=False)
-        pytest.skip(f"{missing} is not installed")
+    path = chromium_path()
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         # every host name but loopback fails to resolve: the machine is offline as far as the page knows
         browser = p.chromium.launch(executable_path=path, headless=True, args=[

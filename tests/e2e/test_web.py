@@ -8,8 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,16 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:
-    sync_playwright = None
-if CHROMIUM is None or sync_playwright is None:
-    missing = "chromium" if CHROMIUM is None else "the playwright package"
-    if os.environ.get("CI"):
-        pytest.fail(f"{missing} is not installed; CI must run the browser test", pytrace=False)
-    pytest.skip(f"{missing} is not installed", allow_module_level=True)
+from tests.serving import chromium
+
+CHROMIUM = chromium(module_level=True)
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 from vqdiff.model.io.folder import random_model
 from vqdiff.server.main import serve_async
