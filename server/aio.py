@@ -4,6 +4,9 @@
 leaving the ``async with`` block before the final event cancels the request, so a client that goes
 away frees its batch slot at the next step boundary.
 
+``engine.blocking_submit`` says whether ``submit`` waits on I/O (the API role's Redis round trips);
+then it runs in a worker thread, so one slow Redis call never stalls every other client of the loop.
+
 An engine may hand each event an id (``emit(event, event_id)``): the API role's ``RemoteEngine``
 passes the Redis entry id, which the SSE stream sends as ``id:`` so that a client can resume.
 ``ResumeStream`` follows an existing request's events after such an id instead of submitting.
@@ -39,7 +42,12 @@ class EventStream:
 
     async def __aenter__(self) -> EventStream:
         self.req.emit = self._emitter()
-        self.engine.submit(self.req)  # raises ValueError / QueueFull / Draining; nothing queued then
+        # raises ValueError / QueueFull / Draining / Unavailable; nothing queued then. The API role's
+        # submit is a few Redis round trips: a thread waits on them, not the event loop
+        if self.engine.blocking_submit:
+            await _finish_in_thread(self.engine.submit, self.req, self.engine)
+        else:
+            self.engine.submit(self.req)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -55,6 +63,17 @@ class EventStream:
         if isinstance(event, (Result, Failure)):
             self.finished = True
         return event
+
+
+async def _finish_in_thread(call, req: Request, engine, *args) -> None:
+    """``call(req, *args)`` in a worker thread. A caller cancelled meanwhile (a gRPC client that went
+    away) does not leak the request: once the call has queued it, it is cancelled."""
+    task = asyncio.ensure_future(asyncio.to_thread(call, req, *args))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is not None or engine.cancel(req))
+        raise
 
 
 REFUSALS = (ValueError, QueueFull, Draining, Unavailable, UnknownRequest)
@@ -86,7 +105,7 @@ class ResumeStream(EventStream):
             if follow is None:
                 raise UnknownRequest(f"{self.req.id}: this server keeps no request events to resume "
                                      f"(only the API role, which keeps them in Redis, does)")
-            follow(self.req, self.after)
+            await _finish_in_thread(follow, self.req, self.engine, self.after)  # Redis round trips
         except REFUSALS as e:
             raise from_submit(e) from None
         return self

@@ -31,6 +31,7 @@ from vqdiff.model.io.images import decode_pngs, preview_tokens
 from vqdiff.server.metrics import Metrics
 from vqdiff.server.request import Event, Failure, Progress, Request, Result, Status, Timings
 from vqdiff.server.scheduler import Draining, QueueFull, Scheduler
+from vqdiff.server.served import Catalog, Served
 from vqdiff.server.settings import Settings
 
 log = logging.getLogger("vqdiff.engine")
@@ -74,12 +75,16 @@ class _Due:
 
 
 class Engine:
+    blocking_submit = False  # ``submit`` and ``follow`` never wait on I/O: the event loop may call them
+
     def __init__(self, model, settings: Settings | None = None, model_name: str = "default",
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, info: dict | None = None):
         self.model = model
         self.settings = settings or Settings()
         self.model_name = model_name
         self.metrics = metrics or Metrics(model_name, model.device)
+        info = info or {"id": model_name, "image_size": model.config.image_size}
+        self.catalog = Catalog.of(Served(model_name, model, info))  # what the front ends route to
         self.scheduler = Scheduler(self.settings.max_rows, self.settings.max_waiting)
         self._cond = threading.Condition()
         self._states: dict[Request, list[RequestState]] = {}
@@ -145,6 +150,8 @@ class Engine:
         nothing is queued. ``req.params`` comes back resolved (seed and uncond filled in)."""
         s = self.settings
         try:
+            if req.model not in (None, self.model_name):
+                raise ValueError(f"model: {req.model!r} is not served here; this server runs {self.model_name!r}")
             validate(req, s, self.model)
         except ValueError:
             self.metrics.count("invalid")

@@ -26,10 +26,12 @@ from vqdiff.server.aio import ApiEventStream
 from vqdiff.model.sampling.params import image_seed
 from vqdiff.server.api import PARAM_NAMES, preview_interval, require_key, timings_dict
 from vqdiff.server.engine import Engine
-from vqdiff.server.errors import ApiError, from_failure, invalid
+from vqdiff.server.errors import ApiError, from_failure, from_submit, invalid
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from vqdiff.server.request import Failure, Progress, Request, Result
+from vqdiff.server.scheduler import Unavailable
+from vqdiff.server.served import Served
 from vqdiff.server.settings import Settings
 
 log = logging.getLogger("vqdiff.grpc")
@@ -76,13 +78,25 @@ def to_params(msg: pb.GenerateRequest, model) -> GenerationParams:
         raise invalid(str(e)) from None
 
 
-def to_request(msg: pb.GenerateRequest, model, settings: Settings, stream: bool,
+def to_request(msg: pb.GenerateRequest, served: Served, settings: Settings, stream: bool,
                timeout_s: float | None) -> Request:
-    params = to_params(msg, model)
+    params = to_params(msg, served.model)
     requested = msg.preview_every if msg.HasField("preview_every") else None
     preview = preview_interval(requested, settings, params.steps) if stream else 0  # previews only travel on streams
     return Request(prompt=msg.prompt, params=params, n=msg.n if msg.HasField("n") else 1, preview_every=preview,
-                   timeout_s=timeout_s)
+                   timeout_s=timeout_s, model=served.name)
+
+
+def resolve(engine: Engine, msg: pb.GenerateRequest) -> Served:
+    """The served model ``msg.model`` names (unset: the default); INVALID_ARGUMENT, or UNAVAILABLE
+    while nothing is served yet."""
+    try:
+        return engine.catalog.resolve(msg.model if msg.HasField("model") else None)
+    except ValueError as e:
+        raise invalid(str(e), "model") from None
+    except Unavailable as e:
+        engine.metrics.count("unavailable")
+        raise from_submit(e) from None
 
 
 def params_pb(p: GenerationParams) -> pb.GenerationParams:
@@ -169,7 +183,8 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
         if isinstance(msg, Malformed):
             raise invalid(msg.message)
         # the client's deadline bounds the engine's (which is also capped by request_timeout_s)
-        return to_request(msg, self.engine.model, self.settings, stream, timeout_s=context.time_remaining())
+        served = resolve(self.engine, msg)
+        return to_request(msg, served, self.settings, stream, timeout_s=context.time_remaining())
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
@@ -243,7 +258,7 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-async def start_grpc(engine: Engine, settings: Settings, info: dict) -> GrpcServer:
+async def start_grpc(engine: Engine, settings: Settings) -> GrpcServer:
     """Serve gRPC on ``settings.host:settings.grpc_port`` (port 0 picks a free one: see ``.port``)."""
     server = grpc.aio.server()
     add_service(ImageGeneration(engine, settings), server)
@@ -259,5 +274,5 @@ async def start_grpc(engine: Engine, settings: Settings, info: dict) -> GrpcServ
     if port == 0:
         raise RuntimeError(f"gRPC: cannot listen on {address}")
     await server.start()
-    log.info("gRPC: %s on %s:%d (model %s)", SERVICE, settings.host, port, info.get("id"))
+    log.info("gRPC: %s on %s:%d", SERVICE, settings.host, port)
     return GrpcServer(server, health_servicer, port)

@@ -3,6 +3,7 @@ and serialise; every error leaves as ``{"error": {message, type, param, code}}``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -13,13 +14,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vqdiff.model.sampling.sampler import default_params, request_params
+from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.sampling.sampler import request_params
 from vqdiff.server.aio import ApiEventStream, ResumeStream
 from vqdiff.server.api import preview_interval, require_key
 from vqdiff.server.docs import add_docs
 from vqdiff.server.engine import Engine
 from vqdiff.server.errors import ApiError, bad_body, from_failure, invalid, unavailable
 from vqdiff.server.request import Failure, Progress, Request, Result
+from vqdiff.server.scheduler import Unavailable
+from vqdiff.server.served import Served
 from vqdiff.server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
 )
@@ -31,12 +35,14 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 422, 429, 500, 503, 5
 ROUTING = {404: ("not_found", "not_found"), 405: ("method_not_allowed", "method_not_allowed")}  # (type, code)
 
 
-def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    """The app over ``engine`` (a single process's ``Engine`` or the API role's ``RemoteEngine``),
+    routing each request to a model of ``engine.catalog``."""
     app = FastAPI(title="vqdiff", version="0.1.0",
                   description="Improved VQ-Diffusion text-to-image server (HTTP API; gRPC on its own port)",
                   docs_url=None, redoc_url=None)  # /docs from local assets (server/docs.py); no /redoc
     add_docs(app)
-    defaults = default_params(engine.model)
+    catalog = engine.catalog
 
     # -- errors --------------------------------------------------------------------------------------
 
@@ -87,12 +93,15 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(engine.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        # the API role's exposition reads the queue in Redis: off the event loop
+        body = await asyncio.to_thread(engine.metrics.exposition) if engine.blocking_submit else \
+            engine.metrics.exposition()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        return {"object": "list", "data": [{**model_info, "object": "model", "owned_by": "vqdiff",
-                                            "default_params": defaults.to_dict()}]}
+        return {"object": "list", "data": [{**s.info, "object": "model", "owned_by": "vqdiff",
+                                            "default_params": s.defaults.to_dict()} for s in catalog.all()]}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -100,15 +109,30 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
 
     # -- generation ----------------------------------------------------------------------------------
 
-    def build(body: GenerateRequest) -> Request:
+    def resolve(name: str | None) -> Served:
+        """The served model a request names (none: the default); 422 naming ``model``, or 503 while
+        no worker has published one."""
         try:
-            params = request_params(engine.model, body.given())
+            return catalog.resolve(name)
+        except ValueError as e:
+            raise invalid(str(e), "model") from None
+        except Unavailable as e:
+            engine.metrics.count("unavailable")
+            error = unavailable(f"the server cannot take requests now: {e}")
+            error.counted = True
+            raise error from None
+
+    def build(body: GenerateRequest) -> Request:
+        served = resolve(body.model)
+        try:
+            params = request_params(served.model, body.given())
         except ValueError as e:
             raise invalid(str(e)) from None
         if body.preview_every is not None and body.preview_every < 0:
             raise invalid(f"preview_every: {body.preview_every} is not allowed; expected an integer >= 0")
         preview = preview_interval(body.preview_every, settings, params.steps) if body.stream else 0
-        return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview, resumable=body.stream)
+        return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview, resumable=body.stream,
+                       model=served.name)
 
     async def run(http: HttpRequest, req: Request) -> Result:
         """Submit and wait for the result; a client that disconnects cancels the request."""
@@ -175,22 +199,22 @@ def create_app(engine: Engine, settings: Settings, model_info: dict) -> FastAPI:
         """A streamed request's events after the id in ``Last-Event-ID`` (or ``?after=``; none: from the
         start), followed to its final event. Only the API role keeps events to resume (in Redis, so
         any API node answers); a single-process server answers 404."""
-        req = Request(prompt="", params=defaults, id=req_id, resumable=True)
+        req = Request(prompt="", params=GenerationParams(), id=req_id, resumable=True)  # only the id is read
         events = await ResumeStream(engine, req, http.headers.get("last-event-id") or after or "0").__aenter__()
         return event_stream(sse(req, events, resumed=True), events)
 
     @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=ERRORS,
               dependencies=[Depends(authorize)])
     async def openai_images(body: OpenAIImageRequest, http: HttpRequest):
-        size = f"{model_info['image_size']}x{model_info['image_size']}"
+        served = resolve(body.model)
+        size = f"{served.image_size}x{served.image_size}"
         if body.size not in (None, "auto", size):
             raise invalid(f"size: {body.size!r} is not allowed; this model draws {size}", "size")
         if body.response_format not in (None, "b64_json"):
             raise invalid(f"response_format: {body.response_format!r} is not supported; use 'b64_json'",
                           "response_format")
-        if body.model not in (None, model_info["id"]):
-            raise invalid(f"model: {body.model!r} is not served here; this server runs {model_info['id']!r}", "model")
-        req = Request(prompt=body.prompt, params=default_params(engine.model), n=body.n if body.n is not None else 1)
+        req = Request(prompt=body.prompt, params=served.defaults, n=body.n if body.n is not None else 1,
+                      model=served.name)
         result = await run(http, req)
         if result is None:
             return Response(status_code=499)

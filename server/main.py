@@ -81,20 +81,20 @@ class Server:
             model, folder = load(settings)
         self.settings = settings
         self.info = model_info(model, Path(folder or "model"))
-        self.engine = Engine(model, settings, model_name=self.info["id"])
+        self.engine = Engine(model, settings, model_name=self.info["id"], info=self.info)
 
     async def run(self, started: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
         from vqdiff.server.http_app import create_app
 
-        settings, engine, info = self.settings, self.engine.start(), self.info
-        app = create_app(engine, settings, info)
+        settings, engine = self.settings, self.engine.start()
+        app = create_app(engine, settings)
         http = _Uvicorn(uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="info",
                                        timeout_graceful_shutdown=ANSWER_S, lifespan="off"))
         grpc_server = None
         if settings.grpc_port:
             from vqdiff.server.grpc_app import start_grpc
 
-            grpc_server = await start_grpc(engine, settings, info)
+            grpc_server = await start_grpc(engine, settings)
 
         stop = stop or asyncio.Event()
         hurry = asyncio.Event()  # a second signal: end the grace period now
@@ -122,7 +122,8 @@ class Server:
             await asyncio.to_thread(engine.shutdown, 0.0)
             http_task.result()
             raise RuntimeError(f"the HTTP server did not start on {settings.host}:{settings.http_port}")
-        log.info("serving %s: HTTP on %s:%d%s", info["id"], settings.host, settings.http_port,
+        log.info("serving %s: HTTP on %s:%d%s", ", ".join(engine.catalog.names()) or "no model yet", settings.host,
+                 settings.http_port,
                  f", gRPC on {settings.grpc_port}" if grpc_server else "")
         if started is not None:
             started.set()

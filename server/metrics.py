@@ -51,15 +51,24 @@ class Metrics:
         self.retries = Counter("vqdiff_batch_retries", "Steps re-run as smaller batches after an error", m, registry=r)
         self.memory = Gauge("vqdiff_device_memory_bytes", "Memory in use on the model's device (CUDA: allocated by "
                             "torch; CPU: the process's resident set now)", m + ("device",), registry=r)
-        self.model_name = model_name
-        for outcome in OUTCOMES:  # every series exists from the start (rate() over a missing series is empty)
+        self._model_name = model_name
+        self.add_model(model_name)
+
+    @property
+    def model_name(self) -> str:
+        """The label of what is counted without naming a model."""
+        return self._model_name
+
+    def add_model(self, model_name: str) -> None:
+        """Every request series of ``model_name`` exists from now on (rate() over a missing series is empty)."""
+        for outcome in OUTCOMES:
             self.requests.labels(model_name, outcome)
 
-    def label(self, metric):
-        return metric.labels(self.model_name)
+    def label(self, metric, model_name: str | None = None):
+        return metric.labels(model_name or self.model_name)
 
-    def count(self, outcome: str) -> None:
-        self.requests.labels(self.model_name, outcome).inc()
+    def count(self, outcome: str, model_name: str | None = None) -> None:
+        self.requests.labels(model_name or self.model_name, outcome).inc()
 
     def sample_memory(self) -> None:
         import torch

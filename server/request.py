@@ -87,6 +87,7 @@ class Request:
     n: int = 1
     preview_every: int = 0  # 0: no previews
     resumable: bool = False  # an SSE stream: its client may reconnect with Last-Event-ID
+    model: str | None = None  # the served model's name (``Catalog.resolve``); None: the process's only one
     emit: Callable[[Event], None] = lambda event: None
     timeout_s: float | None = None  # None: the engine's default deadline
     id: str = field(default_factory=new_id)

@@ -18,6 +18,8 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: StrictStr = Field(description="The text to draw.")
+    model: Optional[StrictStr] = Field(None, description="A served model's id (GET /v1/models); omitted: the "
+                                                         "server's default model.")
     negative_prompt: Optional[StrictStr] = Field(None, description="Text to steer away from (the uncond branch).")
     n: StrictInt = Field(1, description="Images; image i uses seed + i.")
     seed: Optional[StrictInt] = Field(None, description="0..2^63-1; omitted: the server picks one and returns it.")

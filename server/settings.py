@@ -45,7 +45,8 @@ def _s(default, help: str):
 
 @dataclass(frozen=True)
 class Settings:
-    model: Path | None = _s(None, "model folder (diffusers layout); none: the embedded default model")
+    model: Path | None = _s(None, "model folder (diffusers layout); none: the embedded default model. API role: "
+                                  "the name of the published model that requests naming none get")
     host: str = _s("0.0.0.0", "address both servers listen on")
     http_port: int = _s(8000, "HTTP port")
     grpc_port: int = _s(50051, "gRPC port; 0 disables gRPC")

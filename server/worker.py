@@ -4,8 +4,10 @@ model (server/broker.py) instead of HTTP and gRPC.
 Threads besides the engine's own:
 
 - the loop: renews the lease every lease / 3 with the free rows; claims new jobs while the engine has
-  free rows; every lease / 2 reclaims the jobs of workers whose lease expired; every ``CANCEL_POLL_S``
-  reads the cancel flags of the jobs it runs and cancels them in the engine.
+  free rows; every lease / 2 reclaims the jobs of workers whose lease expired, and its own pending
+  entries that it does not run (left by an earlier process of the same name: a worker restarted
+  under its name finishes them; ``Broker.reclaim``), at most one suspect at a time; every
+  ``CANCEL_POLL_S`` reads the cancel flags of the jobs it runs and cancels them in the engine.
 - the sender: writes each job's events to Redis in the order the engine emitted them, from a per-job
   outbox, so the engine never waits on Redis. The final event is stored (``broker.finish``) and only
   then is the job acknowledged: a worker that dies before that leaves the job pending, and another
@@ -13,7 +15,9 @@ Threads besides the engine's own:
 
 A Redis outage does not stop the jobs running: the loop and the sender retry with a backoff of
 ``BACKOFF_S`` doubling up to ``BACKOFF_MAX_S``, logging once per outage, and the outboxes keep what
-could not be written yet.
+could not be written yet. Every lease lapsed while Redis was away, so once it answers again the loop
+reclaims nothing for a lease and ``BACKOFF_MAX_S``: by then every live worker has renewed its lease,
+and no running job is taken from its worker and run twice.
 
 SIGTERM (or ``stop``): no more claims; running jobs get ``grace_s`` to finish and their answers are
 written. Past the grace period the lease is ended at once (``broker.retire``) and the unfinished
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import redis
 
-from vqdiff.server.broker import Broker, key
+from vqdiff.server.broker import Broker, key, suspect
 from vqdiff.server.engine import Draining, Engine, QueueFull
 from vqdiff.server.jobs import Job
 from vqdiff.server.main import load, model_info
@@ -47,6 +51,7 @@ log = logging.getLogger("vqdiff.worker")
 BLOCK_MS = 200  # a claim waits at most this long for a job: the loop stays responsive
 CANCEL_POLL_S = 0.15  # about a step of a large batch: a cancelled job leaves the batch within it
 BACKOFF_S, BACKOFF_MAX_S = 0.1, 2.0
+FORGET_AFTER_LEASES = 10  # a stopped worker holding nothing leaves the consumer group after this many leases
 FLUSH_S = 5.0  # at exit: how long the sender may take to write the answers it holds
 
 
@@ -195,6 +200,7 @@ class Worker:
     def _heartbeat(self) -> None:
         self.broker.heartbeat(self.name, self.settings.lease_s,
                               {"model": self.model, "max_rows": self.settings.max_rows, "free_rows": self.free_rows()})
+        self.broker.publish_model(self.model, self.record)  # every beat: a Redis that lost its data learns it again
 
     def _loop(self) -> None:
         lease = self.settings.lease_s
@@ -204,6 +210,8 @@ class Worker:
         while not self.stop_event.is_set():
             try:
                 now = time.monotonic()
+                if outage.down:  # the other workers' leases lapsed too: they renew them first
+                    next_reclaim = max(next_reclaim, now + lease + BACKOFF_MAX_S)
                 if now >= next_beat:
                     self._heartbeat()
                     next_beat = now + lease / 3
@@ -212,9 +220,7 @@ class Worker:
                     next_cancel = now + CANCEL_POLL_S
                 if self.claiming and now >= next_reclaim:
                     next_reclaim = now + lease / 2
-                    for eid, job, deliveries in self.broker.reclaim(self.model, self.name, int(lease * 1000),
-                                                                    self.settings.max_deliveries):
-                        self._run(eid, job, deliveries)
+                    self._reclaim()
                 self._retry_backlog()
                 claimed = False
                 while self.claiming and not self.backlog and self.free_rows() >= 2:
@@ -239,8 +245,21 @@ class Worker:
                 log.exception("worker loop failed")
                 self.stop_event.wait(BACKOFF_MAX_S)
 
+    def _reclaim(self) -> None:
+        """Take over the pending jobs nobody runs. What this worker holds is read first: only the loop
+        adds runs, so an entry missing from ``held`` is not one of them (or was acked since)."""
+        with self.lock:
+            held = {r.entry for r in self.runs.values()}
+            suspect_ok = not any(suspect(r.attempt) and not r.answered for r in self.runs.values())
+        for eid, job, deliveries in self.broker.reclaim(self.model, self.name, int(self.settings.lease_s * 1000),
+                                                        self.settings.max_deliveries, held, suspect_ok):
+            self._run(eid, job, deliveries)
+        self.broker.forget_idle(self.model, int(FORGET_AFTER_LEASES * self.settings.lease_s * 1000))
+
     def _run(self, entry: str, job: Job, attempt: int) -> None:
-        if job.id in self.runs:  # already running here (a claim raced a reclaim)
+        if job.id in self.runs:  # already running here under another entry (a job enqueued twice)
+            if self.runs[job.id].entry != entry:
+                self.broker.ack(self.model, entry)  # the run holds its own entry: that one stays pending
             return
         if attempt > 1 and self.broker.r.exists(key("done", job.id)):  # another worker answered it
             self.broker.ack(self.model, entry)
@@ -375,5 +394,5 @@ def serve_worker(settings: Settings) -> None:
         signal.signal(sig, on_signal)
     while not stop.wait(0.5):
         pass
-    log.info("draining: up to %.0f s for the running jobs", settings.grace_s)
+    log.info("draining: up to %g s for the running jobs", settings.grace_s)
     worker.stop(hurry=hurry)

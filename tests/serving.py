@@ -119,10 +119,13 @@ def serve_process(folder, *flags: str, ready_s: float = 60) -> tuple[subprocess.
 
 
 class RedisServer:
-    """A real ``redis-server`` on a free loopback port, in memory only (no RDB, no AOF), for the tests
-    of the scale-out roles. ``stop()`` then ``start()`` again keeps the port: a Redis outage."""
+    """A real ``redis-server`` on a free loopback port for the tests of the scale-out roles.
+    ``stop()`` (SIGTERM) then ``start()`` again keeps the port: a Redis outage. In memory only (no RDB,
+    no AOF) by default: the restarted server has lost every key. ``persist=True``: an append-only
+    file in ``workdir``, fsynced at every write, so the restarted server has every stream, group and
+    key it had (leases included, expiring on the wall clock)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, persist: bool = False):
         import shutil
 
         self.binary = shutil.which("redis-server")
@@ -132,7 +135,7 @@ class RedisServer:
             if os.environ.get("CI"):
                 raise RuntimeError("redis-server is not installed (.ci/run installs it)")
             pytest.skip("redis-server is not installed")
-        self.workdir, self.port, self.proc = workdir, free_port(), None
+        self.workdir, self.persist, self.port, self.proc = workdir, persist, free_port(), None
 
     @property
     def url(self) -> str:
@@ -141,8 +144,9 @@ class RedisServer:
     def start(self) -> RedisServer:
         import redis
 
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
@@ -150,7 +154,7 @@ class RedisServer:
             try:
                 client.ping()
                 return self
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # BusyLoadingError too: still loading its append-only file
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.02)

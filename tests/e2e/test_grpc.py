@@ -73,7 +73,7 @@ def serving(model, gated: bool = False, **settings):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
     thread.start()
-    server = asyncio.run_coroutine_threadsafe(start_grpc(engine, s, {"id": "tiny"}), loop).result(WAIT_S)
+    server = asyncio.run_coroutine_threadsafe(start_grpc(engine, s), loop).result(WAIT_S)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield SimpleNamespace(engine=engine, server=server, channel=channel, gate=gate,
@@ -160,13 +160,14 @@ def test_invalid_argument_names_the_field(tiny_model):
     with serving(tiny_model) as h:
         before = outcomes(h.engine, "invalid")
         cases = {"steps": {"steps": 0}, "seed": {"seed": 2**63}, "sampler": {"sampler": 9}, "n": {"n": 0},
-                 "guidance_scale": {"guidance_scale": float("nan")}}
+                 "guidance_scale": {"guidance_scale": float("nan")}, "model": {"model": "another"}}
         for field, kwargs in cases.items():
             for call in (h.stub.Generate, h.stub.GenerateStream):
                 e = rpc_error(call, pb.GenerateRequest(prompt=PROMPT, **kwargs))
                 assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith(f"{field}: "), e
         assert outcomes(h.engine, "invalid") == before + 2 * len(cases)  # each counted once, wherever it failed
         assert h.engine.scheduler.idle
+        assert h.stub.Generate(pb.GenerateRequest(prompt=PROMPT, steps=2, model="tiny")).images  # its own name
 
 
 MALFORMED = {

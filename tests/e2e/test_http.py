@@ -174,6 +174,15 @@ def test_models_health_and_readiness(server):
     assert m["image_size"] == 16 and m["default_params"]["steps"] == 6 and m["learnable_null"] is True
 
 
+def test_a_request_may_name_the_served_model_and_no_other(server):
+    name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+    ok = httpx.post(f"{server.url}/v1/generate", json={"prompt": "a red circle", "steps": 2, "model": name}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    r = httpx.post(f"{server.url}/v1/generate", json={"prompt": "a red circle", "model": "another"}, timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
+    assert "another" in r.json()["error"]["message"] and name in r.json()["error"]["message"]
+
+
 def test_openai_client_works_unmodified(server, model):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -18,9 +20,11 @@ import pytest
 import redis
 from vqdiff.model.sampling.params import image_seed
 from vqdiff.server.broker import Broker, key
+from vqdiff.server.jobs import Job
 from vqdiff.server.metrics import Metrics
 from vqdiff.server.remote import ApiServer, RemoteEngine, RemoteModel, api_info
 from vqdiff.server.request import Failure, Progress, Result, Status, Timings
+from vqdiff.server.served import Catalog, Served
 from vqdiff.server.settings import Settings
 
 from tests.serving import RedisServer, ServerThread, free_port
@@ -40,8 +44,8 @@ class FakeWorker:
     """Claims jobs of MODEL one at a time and answers each with STEPS progress events and a result;
     after the first progress event it waits for ``release`` (polling the job's cancel flag)."""
 
-    def __init__(self, url: str, name: str = "w1"):
-        self.broker, self.name = Broker(url), name
+    def __init__(self, url: str, name: str = "w1", model: str = MODEL):
+        self.broker, self.name, self.model = Broker(url), name, model
         self.claiming, self.release, self.stop = threading.Event(), threading.Event(), threading.Event()
         self.paused = threading.Event()
         self.claiming.set()
@@ -61,15 +65,16 @@ class FakeWorker:
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.broker.heartbeat(self.name, 2.0, {"model": MODEL, "max_rows": 4, "free_rows": 4})
+                self.broker.heartbeat(self.name, 2.0, {"model": self.model, "max_rows": 4, "free_rows": 4})
+                self.broker.publish_model(self.model, INFO if self.model == MODEL else INFO_B)  # as a worker does
                 if not self.claiming.is_set():
                     self.paused.set()
                     time.sleep(0.05)
                     continue
-                for eid, job in self.broker.claim(MODEL, self.name, 1, 100):
+                for eid, job in self.broker.claim(self.model, self.name, 1, 100):
                     self.jobs.append(job)
                     self.outcomes[job.id] = self._serve(job)
-                    self.broker.ack(MODEL, eid)
+                    self.broker.ack(self.model, eid)
             except redis.RedisError:
                 time.sleep(0.1)
 
@@ -98,8 +103,8 @@ class ApiThread(ServerThread):
     def __init__(self, url: str, cancel_delay_s: float = 0.3, **overrides):
         self.settings = Settings(host="127.0.0.1", http_port=free_port(), grpc_port=0, grace_s=1.0, heartbeat_s=0.2,
                                  role="api", redis_url=url, **overrides)
-        self.engine = RemoteEngine(self.settings, Broker(url), MODEL, INFO, cancel_delay_s=cancel_delay_s)
-        self.server = ApiServer(self.settings, self.engine, api_info(MODEL, INFO))
+        self.engine = RemoteEngine(self.settings, Broker(url), cancel_delay_s=cancel_delay_s)
+        self.server = ApiServer(self.settings, self.engine)
         self.loop, self.started, self.stop_event = asyncio.new_event_loop(), asyncio.Event(), asyncio.Event()
         self.error = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -119,6 +124,12 @@ def sse_events(lines) -> list[dict]:
             field, _, value = line.partition(": ")
             block[field] = json.loads(value) if field == "data" else value
     return out
+
+
+def metric(exposition: str, series: str) -> float:
+    """The value of one series in a Prometheus text exposition."""
+    line = next(line for line in exposition.splitlines() if line.startswith(series + " "))
+    return float(line.rsplit(" ", 1)[1])
 
 
 def wait_for(check, timeout: float = 10.0) -> None:
@@ -231,10 +242,28 @@ def test_a_full_queue_is_429_with_retry_after(redis_server, broker, worker):
             assert r.status_code == 429, r.text
             assert r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full"
             assert broker.depth(MODEL)[0] == 1  # the refused one was not enqueued
+            time.sleep(0.2)
+            oldest = metric(c.get("/metrics").text, f'vqdiff_oldest_queued_seconds{{model_name="{MODEL}"}}')
+            assert 0.2 <= oldest < 10
             worker.claiming.set()
             events = sse_events(first.iter_lines())
         assert events[-1]["event"] == "result"
         assert c.post("/v1/generate", json={"prompt": "third"}).status_code == 200
+
+
+def test_the_api_exports_the_redis_wide_job_counts(api, broker):
+    """Reclaims and dead letters happen on workers; every API node reports the totals Redis keeps."""
+    worker_dead = Broker(broker.url)
+    for i in range(3):
+        api.engine.broker.enqueue(Job(id=f"gen-{i}", model=MODEL, prompt="a cat",
+                                      params=api.engine.catalog.resolve(MODEL).defaults))
+    assert len(worker_dead.claim(MODEL, "gone", 3, 100)) == 3  # a worker takes them and dies (no lease)
+    taken = broker.reclaim(MODEL, "w2", min_idle_ms=0, max_deliveries=1)  # each past its one delivery
+    assert taken == []
+    text = httpx.get(f"{api.url}/metrics").text
+    assert metric(text, f'vqdiff_jobs_reclaimed_total{{model_name="{MODEL}"}}') == 3
+    assert metric(text, f'vqdiff_jobs_dead_lettered_total{{model_name="{MODEL}"}}') == 3
+    assert metric(text, f'vqdiff_jobs_pending{{model_name="{MODEL}"}}') == 0
 
 
 def test_redis_down_is_503_and_not_ready_until_it_is_back(tmp_path):
@@ -255,6 +284,31 @@ def test_redis_down_is_503_and_not_ready_until_it_is_back(tmp_path):
             r = c.post("/v1/generate", json={"prompt": "a cat"})
             assert r.status_code == 200, r.text
             assert base64.b64decode(r.json()["images"][0]["b64_json"]) == PNG
+    finally:
+        own.stop()
+
+
+def test_a_job_that_redis_lost_is_answered_503_at_once(tmp_path):
+    """Redis restarts without its data while a job runs: the client hears of it within about a
+    second, not at the request's deadline (30 s here)."""
+    own = RedisServer(tmp_path).start()
+    try:
+        Broker(own.url).publish_model(MODEL, INFO)
+        with FakeWorker(own.url) as w, ApiThread(own.url) as api, httpx.Client(base_url=api.url, timeout=40) as c:
+            wait_for(lambda: c.get("/readyz").status_code == 200)
+            w.release.clear()  # the job waits after its first progress event
+            answer = {}
+            t = threading.Thread(target=lambda: answer.update(r=c.post("/v1/generate", json={"prompt": "a cat"})))
+            t.start()
+            wait_for(lambda: w.jobs)
+            own.stop()
+            own.start()  # the same port, empty
+            t0 = time.monotonic()
+            t.join(20)
+            assert time.monotonic() - t0 < 5
+            r = answer["r"]
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert "lost this request" in r.json()["error"]["message"]
     finally:
         own.stop()
 
@@ -296,8 +350,9 @@ def test_a_stream_cut_on_one_api_node_resumes_on_another(redis_server, broker, w
 def test_a_single_process_server_has_no_events_to_resume():
     from vqdiff.server.http_app import create_app
 
-    engine = SimpleNamespace(model=RemoteModel(INFO), metrics=Metrics(MODEL, "cpu"), ready=True)
-    app = create_app(engine, Settings(), api_info(MODEL, INFO))
+    engine = SimpleNamespace(catalog=Catalog.of(Served(MODEL, RemoteModel(INFO), api_info(MODEL, INFO))),
+                             metrics=Metrics(MODEL, "cpu"), ready=True, blocking_submit=False)
+    app = create_app(engine, Settings())
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
@@ -310,12 +365,18 @@ def test_a_single_process_server_has_no_events_to_resume():
 
 def test_published_limits_bound_the_api_node(redis_server, broker):
     settings = Settings(redis_url=redis_server.url, request_timeout_s=10.0)
-    engine = RemoteEngine(settings, broker, MODEL)  # reads what the worker published
-    assert (engine.limits.max_images, engine.limits.max_prompt_chars, engine.limits.request_timeout_s) == (2, 40, 10.0)
-    assert RemoteEngine(replace(settings, request_timeout_s=60.0), broker, MODEL).limits.request_timeout_s == 30.0
+    engine = RemoteEngine(settings, broker)
+    engine.refresh()  # reads what the worker published
+    limits = engine.limits(MODEL)
+    assert (limits.max_images, limits.max_prompt_chars, limits.request_timeout_s) == (2, 40, 10.0)
+    engine = RemoteEngine(replace(settings, request_timeout_s=60.0), broker)
+    engine.refresh()
+    assert engine.limits(MODEL).request_timeout_s == 30.0
 
 
-def test_serve_api_waits_for_a_published_model_then_serves(redis_server, worker):
+def test_serve_api_answers_at_once_and_serves_once_a_model_is_published(redis_server):
+    """The port opens before any worker has published a model (probes get an answer, not a refused
+    connection): not ready and 503 + Retry-After until one has."""
     from vqdiff.server.remote import serve_api_async
 
     Broker(redis_server.url).r.flushdb()  # no model published yet
@@ -326,15 +387,81 @@ def test_serve_api_waits_for_a_published_model_then_serves(redis_server, worker)
                               daemon=True)
     thread.start()
     try:
-        time.sleep(1.5)
-        assert not started.is_set()  # waiting for a worker to publish the model
-        Broker(redis_server.url).publish_model(MODEL, INFO)
         wait_for(started.is_set)
         url = f"http://127.0.0.1:{settings.http_port}"
-        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        assert httpx.get(f"{url}/v1/models").json()["data"] == []
         r = httpx.post(f"{url}/v1/generate", json={"prompt": "a cat"}, timeout=10)
-        assert r.status_code == 200, r.text
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert "no worker has published" in r.json()["error"]["message"]
+        assert not Broker(redis_server.url).r.exists(key("jobs", MODEL))  # nothing enqueued
+        with FakeWorker(redis_server.url):  # publishes the model with its first heartbeat
+            wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+            assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL
+            r = httpx.post(f"{url}/v1/generate", json={"prompt": "a cat"}, timeout=10)
+            assert r.status_code == 200, r.text
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'vqdiff_requests_total{model_name="tiny",outcome="success"} 1.0' in metrics
+        assert 'vqdiff_requests_total{model_name="",outcome="unavailable"} 1.0' in metrics
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
     assert not thread.is_alive()
+
+
+OTHER = "tiny-b"
+INFO_B = {**INFO, "id": OTHER, "path": "/models/tiny-b", "image_size": 64, "generation_defaults": {"steps": 2}}
+
+
+def test_requests_are_routed_by_the_model_they_name(redis_server, broker):
+    broker.publish_model(OTHER, INFO_B)
+    with FakeWorker(redis_server.url, "wa") as wa, FakeWorker(redis_server.url, "wb", OTHER) as wb, \
+            ApiThread(redis_server.url) as api, httpx.Client(base_url=api.url, timeout=10) as c:
+        listed = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+        assert sorted(listed) == [MODEL, OTHER]
+        assert (listed[MODEL]["default_params"]["steps"], listed[OTHER]["default_params"]["steps"]) == (STEPS, 2)
+        assert c.post("/v1/generate", json={"prompt": "a cat", "model": OTHER}).status_code == 200
+        assert c.post("/v1/generate", json={"prompt": "a dog", "model": MODEL}).status_code == 200
+        assert [j.prompt for j in wa.jobs] == ["a dog"] and [j.prompt for j in wb.jobs] == ["a cat"]
+        assert wb.jobs[0].params.steps == 2  # the named model's defaults
+        for body in ({"prompt": "a cat"}, {"prompt": "a cat", "model": "nope"}):  # several served, no default
+            r = c.post("/v1/generate", json=body)
+            assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", "model": OTHER, "size": "64x64"})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", "model": OTHER, "size": "32x32"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "size"
+        metrics = c.get("/metrics").text
+    assert f'vqdiff_jobs_enqueued_total{{model_name="{OTHER}"}} 2.0' in metrics
+    assert f'vqdiff_requests_total{{model_name="{MODEL}",outcome="success"}} 1.0' in metrics
+    with FakeWorker(redis_server.url, "wb", OTHER) as wb, ApiThread(redis_server.url, model=Path(OTHER)) as api:
+        r = httpx.post(f"{api.url}/v1/generate", json={"prompt": "a cow"}, timeout=10)  # --model names the default
+        assert r.status_code == 200 and [j.prompt for j in wb.jobs] == ["a cow"], r.text
+
+
+def test_a_stalled_redis_never_stalls_the_event_loop(tmp_path):
+    """Redis frozen (SIGSTOP) mid-request: the probes still answer at once, readiness turns 503,
+    and the request completes once Redis runs again."""
+    own = RedisServer(tmp_path).start()
+    try:
+        Broker(own.url).publish_model(MODEL, INFO)
+        with FakeWorker(own.url), ApiThread(own.url) as api, httpx.Client(base_url=api.url, timeout=30) as c:
+            wait_for(lambda: c.get("/readyz").status_code == 200)
+            own.proc.send_signal(signal.SIGSTOP)
+            try:
+                answer = {}
+                t = threading.Thread(target=lambda: answer.update(r=c.post("/v1/generate", json={"prompt": "a cat"})))
+                t.start()
+                time.sleep(0.3)  # the request is waiting on Redis
+                t0 = time.monotonic()
+                assert c.get("/healthz").status_code == 200
+                assert time.monotonic() - t0 < 0.5
+                wait_for(lambda: c.get("/readyz").status_code == 503, timeout=6)  # Redis silent for READY_STALE_S
+            finally:
+                own.proc.send_signal(signal.SIGCONT)
+            t.join(30)
+            assert answer["r"].status_code == 200, answer["r"].text
+            wait_for(lambda: c.get("/readyz").status_code == 200)
+    finally:
+        own.stop()

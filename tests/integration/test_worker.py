@@ -1,7 +1,7 @@
 """server/worker.py against a real redis-server with the tiny random model: jobs from the stream come
 back as the same images a single-process engine draws, a killed worker's jobs are finished by another
-(each answered exactly once), a cancel flag frees a running job, past the grace period a stopping
-worker hands its unfinished jobs back unacknowledged."""
+(each answered exactly once) or by its restart under the same name, a cancel flag frees a running
+job, past the grace period a stopping worker hands its unfinished jobs back unacknowledged."""
 
 from __future__ import annotations
 
@@ -234,6 +234,27 @@ def test_a_killed_worker_s_jobs_are_finished_by_another_exactly_once(make_worker
         assert time.monotonic() < end, broker.depth("tiny")
         time.sleep(0.02)
     assert time.monotonic() - t0 < 30
+
+
+def test_a_worker_restarted_under_its_name_finishes_what_its_predecessor_held(make_worker, broker, model):
+    jobs = [job(80 + i, steps=4) for i in range(3)]
+    for j in jobs:
+        broker.enqueue(j)
+    broker.heartbeat("same", 1.0, {"model": "tiny"})  # the first process of "same" claims them, then dies
+    assert len(broker.claim("tiny", "same", count=3, block_ms=100)) == 3
+    t0 = time.monotonic()
+    make_worker(worker_name="same")  # its lease keeps any other worker off those jobs
+    want = single_process(model, jobs)
+    for j in jobs:
+        evs = answers(broker, j.id, timeout=20)
+        assert isinstance(evs[-1], Result) and evs[-1].images == want[j.id], j.id
+        assert len(final_events(broker, j.id)) == 1, j.id
+    assert time.monotonic() - t0 < 10
+    end = time.monotonic() + 5
+    while broker.depth("tiny") != (0, 0):
+        assert time.monotonic() < end, broker.depth("tiny")
+        time.sleep(0.02)
+    assert broker.stats("tiny")["reclaimed"] == 3
 
 
 def test_a_redis_outage_does_not_lose_the_running_job(make_worker, broker, model, redis_server):
