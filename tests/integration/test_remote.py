@@ -347,6 +347,32 @@ def test_a_stream_cut_on_one_api_node_resumes_on_another(redis_server, broker, w
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
+def test_an_api_node_that_stops_mid_stream_loses_no_job(redis_server, broker, worker):
+    """Node a drains with a stream open: its client gets an error event that says how to resume, the
+    job goes on on its worker, and node b serves the rest of its events and the result."""
+    worker.release.clear()
+    a, b = ApiThread(redis_server.url, cancel_delay_s=60).start(), ApiThread(redis_server.url).start()
+    try:
+        with httpx.Client(timeout=10) as c:
+            with c.stream("POST", f"{a.url}/v1/generate", json={"prompt": "a cat", "stream": True}) as s:
+                lines = s.iter_lines()
+                job_id = json.loads(next(line for line in lines if line.startswith("data: "))[6:])["id"]
+                last_id = next(line for line in lines if line.startswith("id: "))[4:]
+                a.begin_stop()  # SIGTERM: grace 1 s, then what is left is answered unavailable
+                rest = sse_events(lines)
+            assert rest[-1]["event"] == "error" and f"/v1/generate/{job_id}/events" in rest[-1]["data"]["error"]["message"]
+            a.stop()
+            assert not broker.cancelled([job_id])  # the job was not cancelled with the node
+            worker.release.set()
+            with c.stream("GET", f"{b.url}/v1/generate/{job_id}/events", headers={"Last-Event-ID": last_id}) as s:
+                events = sse_events(s.iter_lines())
+        assert events[-1]["event"] == "result" and events[-1]["data"]["id"] == job_id
+        assert worker.outcomes[job_id] == "success"
+    finally:
+        worker.release.set()
+        b.stop()
+
+
 def test_a_single_process_server_has_no_events_to_resume():
     from vqdiff.server.http_app import create_app
 
