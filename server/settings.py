@@ -35,6 +35,12 @@ OTHER_VARIABLES = {
     "VQDIFF_KERNELS": "the sampling-step kernels, auto | triton | torch (model/sampling/step.py)",
     "VQDIFF_PIP_ARGS": "extra pip arguments for the image build (docker-compose.yml)",
     "VQDIFF_EXTRAS": "the package extras the image installs (docker-compose.yml)",
+    "VQDIFF_TORCH_INDEX": "the package index torch comes from in the image build (docker-compose.yml)",
+    "VQDIFF_DEFAULT_MODEL": "the api service's default model name (docker-compose.yml: its VQDIFF_MODEL)",
+    "VQDIFF_WORKERS": "how many worker replicas docker-compose.yml starts",
+    "VQDIFF_REDIS_IMAGE": "the redis service's image (docker-compose.yml)",
+    "VQDIFF_PROMETHEUS_IMAGE": "the prometheus service's image (docker-compose.yml)",
+    "VQDIFF_GRAFANA_IMAGE": "the grafana service's image (docker-compose.yml)",
 }
 
 

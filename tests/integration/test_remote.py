@@ -183,6 +183,22 @@ def test_invalid_requests_are_422_and_nothing_is_enqueued(api, broker):
     assert 'vqdiff_requests_total{model_name="tiny",outcome="invalid"} 4.0' in httpx.get(f"{api.url}/metrics").text
 
 
+def test_a_node_stays_ready_with_no_live_worker_and_queues_for_the_next(api, broker):
+    """A published model and no worker (all died, or scaled to zero): the node stays ready and the
+    job waits in Redis; a worker that starts later answers it."""
+    with httpx.Client(base_url=api.url, timeout=10) as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200)
+        assert broker.workers() == {}
+        answer = {}
+        t = threading.Thread(target=lambda: answer.update(r=c.post("/v1/generate", json={"prompt": "a cat"})))
+        t.start()
+        wait_for(lambda: broker.depth(MODEL) == (1, 0))
+        assert metric(c.get("/metrics").text, f'vqdiff_workers{{model_name="{MODEL}"}}') == 0  # what to alert on
+        with FakeWorker(api.settings.redis_url):
+            t.join(10)
+    assert answer["r"].status_code == 200, answer["r"].text
+
+
 def test_a_request_round_trips_through_a_worker(api, worker, broker):
     with httpx.Client(base_url=api.url, timeout=10) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200)  # once the worker's first heartbeat is in
