@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from vqdiff.model.sampling.buckets import BucketedForward
 from vqdiff.model.sampling.rng import random_seed
 from vqdiff.model.sampling.sampler import RequestState, advance, batch_text_kv, start
 from vqdiff.model.sampling.params import image_seed
@@ -85,6 +86,8 @@ class Engine:
         self.metrics = metrics or Metrics(model_name, model.device)
         info = info or {"id": model_name, "image_size": model.config.image_size}
         self.catalog = Catalog.of(Served(model_name, model, info))  # what the front ends route to
+        # the transformer forward: eager, or compiled over padded row buckets (model/sampling/buckets.py)
+        self.forward = BucketedForward(model.transformer, self.settings.max_rows, self.settings.compile)
         self.scheduler = Scheduler(self.settings.max_rows, self.settings.max_waiting)
         self._cond = threading.Condition()
         self._states: dict[Request, list[RequestState]] = {}
@@ -268,9 +271,10 @@ class Engine:
             # then match the last one's key and run on the previous requests' text)
             key = tuple(r.seq for r in group)
             try:
-                if key != self._kv_key:  # the batch changed: rebuild its text k/v once
-                    self._kv, self._kv_key = batch_text_kv(states), key
-                out = advance(self.model.transformer, self.model.schedule, states, text_kv=self._kv)
+                if key != self._kv_key:  # the batch changed: rebuild its text k/v once (padded to its bucket)
+                    self._kv, self._kv_key = self.forward.pad_kv(batch_text_kv(states)), key
+                out = advance(self.model.transformer, self.model.schedule, states, text_kv=self._kv,
+                              forward=self.forward)
             except Exception as e:
                 self._kv_key, self._kv = (), None
                 if _is_oom(e) and torch.cuda.is_available():

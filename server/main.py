@@ -82,6 +82,10 @@ class Server:
         self.settings = settings
         self.info = model_info(model, Path(folder or "model"))
         self.engine = Engine(model, settings, model_name=self.info["id"], info=self.info)
+        if settings.warmup:  # before any port opens: a fault stops the start
+            from vqdiff.server.warmup import warm_up
+
+            warm_up(model, self.engine.forward)
 
     async def run(self, started: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
         from vqdiff.server.http_app import create_app

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from vqdiff.model.sampling.params import COMPILE_MODES
+
 ENV_PREFIX = "VQDIFF_"
 ROLES = ("single", "worker", "api")
 
@@ -76,6 +78,13 @@ class Settings:
     omp_wait_policy: str = _s("passive", "OpenMP wait policy, passive | active: active threads spin "
                                          "between parallel regions, which steals CPU from the decode "
                                          "threads and the HTTP/gRPC loops (server/threads.py)")
+    compile: str = _s("off", "the transformer forward: off (eager) | default | reduce-overhead (CUDA graphs) | "
+                             "max-autotune: torch.compile modes; a compiled forward runs each batch padded to "
+                             "a power-of-two row bucket, at most log2(max_rows) + 1 shapes, each compiled at "
+                             "start-up (model/sampling/buckets.py)")
+    warmup: bool = _s(True, "at start-up, draw one 2-step image through the sampler, the step kernels and the "
+                            "decoder before serving: a Triton, compiler or device fault stops the server "
+                            "then, not at the first request (server/warmup.py)")
     api_keys: tuple[str, ...] = _s((), "comma-separated bearer keys; none: no authentication")
     role: str = _s("single", "single (engine and both front ends in one process) | worker (the engine, taking "
                              "jobs from Redis: server/worker.py) | api (the front ends, sending jobs to Redis)")
@@ -110,6 +119,7 @@ class Settings:
         check("decode_batch", self.decode_batch >= 1, "an integer >= 1")
         check("intra_op_threads", self.intra_op_threads >= 0, "an integer >= 0 (0: choose automatically)")
         check("omp_wait_policy", self.omp_wait_policy in ("passive", "active"), "passive | active")
+        check("compile", self.compile in COMPILE_MODES, " | ".join(COMPILE_MODES))
         check("role", self.role in ROLES, " | ".join(ROLES))
         check("redis_url", self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
               "a redis://, rediss:// or unix:// URL")
@@ -215,16 +225,24 @@ def _base(hint) -> type:
 
 def _metavar(name: str) -> str:
     # the float settings are all durations (their names end in _s)
-    return {int: "INT", float: "SECONDS", Path: "DIR", tuple: "A,B,..."}.get(_base(_hints()[name]), "TEXT")
+    return {int: "INT", float: "SECONDS", Path: "DIR", tuple: "A,B,...", bool: "true|false"}.get(_base(_hints()[name]), "TEXT")
 
 
 def _split(raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
-# how a variable's (or a flag's) text becomes each type of setting; a bool would need its own words
-_PARSERS = {int: int, float: float, str: str, Path: Path, tuple: _split}
-_EXPECTED = {int: "an integer", float: "a number"}
+def _bool(raw: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+    try:
+        return words[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
+# how a variable's (or a flag's) text becomes each type of setting
+_PARSERS = {int: int, float: float, str: str, Path: Path, tuple: _split, bool: _bool}
+_EXPECTED = {int: "an integer", float: "a number", bool: "true | false"}
 
 
 def _parse(source: str, raw: str, hint):

@@ -113,6 +113,10 @@ class Worker:
         self.model = self.record["id"]
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = Engine(model, settings, model_name=self.model)
+        if settings.warmup:  # before the model is published: a fault stops the start
+            from vqdiff.server.warmup import warm_up
+
+            warm_up(model, self.engine.forward)
         self.broker = broker or Broker(settings.redis_url)
         self.runs: dict[str, _Run] = {}  # job id -> run, until acknowledged
         self.backlog: list[_Run] = []  # claimed, refused by a full engine queue: submitted again later

@@ -12,6 +12,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+# how the transformer forward runs (the server's ``compile`` setting, model/sampling/buckets.py):
+# eager, or one of torch.compile's modes ("reduce-overhead" captures CUDA graphs)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
 SAMPLERS = ("purity", "random", "posterior", "skip")
 SELECTION_SAMPLERS = ("purity", "random")  # unmask Δz positions per forward (Algorithms 2 and 1)
 POSTERIOR_SAMPLERS = ("posterior", "skip")  # the original reverse process, full or skip-step

@@ -94,9 +94,12 @@ def batch_text_kv(states: list[RequestState]) -> Tensor:
 
 
 @torch.no_grad()
-def advance(transformer, schedule: Schedule, states: list[RequestState], text_kv: Tensor | None = None) -> StepOutput:
+def advance(transformer, schedule: Schedule, states: list[RequestState], text_kv: Tensor | None = None,
+            forward=None) -> StepOutput:
     """One step for every request in ``states`` (none may be done): one forward of 2B rows.
-    ``text_kv``: ``batch_text_kv(states)`` if the caller has it already."""
+    ``text_kv``: ``batch_text_kv(states)`` if the caller has it already (it may hold padding rows
+    beyond the 2B: ``forward`` pads to its bucket, ``buckets.BucketedForward``). ``forward``: what
+    runs the transformer (default: ``transformer`` itself, eager)."""
     if not states or any(s.done for s in states):
         raise ValueError("advance needs a non-empty list of unfinished requests")
     device = states[0].tokens.device
@@ -104,7 +107,7 @@ def advance(transformer, schedule: Schedule, states: list[RequestState], text_kv
     x = torch.stack([s.tokens for s in states])  # (B, N)
     t = torch.tensor([s.plan.timesteps[s.step] for s in states], device=device)  # (B,)
     kv = batch_text_kv(states) if text_kv is None else text_kv  # (layers, 2, 2B, H, L, Dh)
-    logits = transformer(torch.cat([x, x]), torch.cat([t, t]), text_kv=kv)  # (2B, N, K)
+    logits = (forward or transformer)(torch.cat([x, x]), torch.cat([t, t]), text_kv=kv)  # (2B, N, K)
     out = denoise_step(logits[:b], logits[b:], x, BatchParams.build([s.row() for s in states], device), schedule)
     for i, s in enumerate(states):
         s.tokens, s.purity, s.step = out.tokens[i], out.purity[i], s.step + 1
