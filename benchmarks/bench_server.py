@@ -94,6 +94,10 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time phase")
     ap.add_argument("--max-rows", type=int, default=64)
     ap.add_argument("--steps", type=int, help="override the model's default steps")
+    ap.add_argument("--sampler", help="override the model's default sampler (posterior: its T forwards)")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak (e.g. 989 for an H100/H200 in bf16 "
+                    "dense): prints the forward's model-FLOPs utilisation (benchmarks/flops.py)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16 | auto)")
     ap.add_argument("--load", type=int, default=0, help="busy-loop processes beside the server (default 0)")
     ap.add_argument("serve", nargs="*", help="flags for vqdiff serve, after --")
@@ -121,7 +125,7 @@ def main() -> None:
             time.sleep(0.1)
         info = httpx.get(f"{url}/v1/models").json()["data"][0]
         prompts = [p for p, _ in prompt_set("two", n=args.requests)]
-        extra = {"steps": args.steps} if args.steps else {}
+        extra = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v}
         bodies = [{"prompt": p, "seed": i, **extra} for i, p in enumerate(prompts)]
         asyncio.run(run(url, bodies[:2], 1))  # warm-up
         seq = asyncio.run(run(url, bodies[: args.sequential], 1))
@@ -136,8 +140,10 @@ def main() -> None:
     threads = next((line for line in log.read().decode().splitlines() if "threads:" in line), "")
 
     params = info["default_params"]
+    # forwards per image: what was asked, else the sampler's (posterior: the model's T), else the default
+    forwards = args.steps or (info["num_timesteps"] if args.sampler == "posterior" else params["steps"])
     print(f"model {info['id']} ({info['parameters']:,} parameters, {info['image_size']}px), "
-          f"steps {args.steps or params['steps']}, sampler {params['sampler']}, max_rows {args.max_rows}, "
+          f"steps {forwards}, sampler {args.sampler or params['sampler']}, max_rows {args.max_rows}, "
           f"{info['dtype']} on {info['device']}")
     print(f"server flags: {' '.join(args.serve) or '(defaults)'}; {args.load} busy-loop processes beside it; "
           f"{threads.split('threads: ')[-1] if threads else 'no thread log line'}")
@@ -147,6 +153,20 @@ def main() -> None:
         print(f"| {name} | {r['requests']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
               f"{r['ttfp_p50_s']:.2f} | {r['ttfp_p95_s']:.2f} |")
     print(f"throughput ratio (concurrent / one at a time): {conc['images_per_s'] / seq['images_per_s']:.2f}x")
+    if args.peak_tflops:
+        from flops import image_flops
+        from vqdiff.model.io.default import default_model_dir
+        from vqdiff.model.io.folder import read_config
+
+        config = read_config(args.model or default_model_dir())
+        per_image = image_flops(config.transformer, config.text_encoder.max_length, forwards)
+        for name, r in (("one at a time", seq), (f"{args.clients} concurrent clients", conc)):
+            achieved = r["images_per_s"] * per_image / 1e12
+            print(f"MFU {name}: {achieved:.3g} TFLOP/s of {args.peak_tflops:g} = {achieved / args.peak_tflops:.1%} "
+                  f"({per_image / 1e12:.3g} TFLOP per image; the limit {args.peak_tflops * 1e12 / per_image:.3g} images/s)")
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "one_at_a_time": seq, "concurrent": conc}, indent=1))
 
 
 if __name__ == "__main__":
