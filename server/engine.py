@@ -26,7 +26,7 @@ import torch
 
 from vqdiff.model.sampling.buckets import BucketedForward
 from vqdiff.model.sampling.rng import random_seed
-from vqdiff.model.sampling.sampler import RequestState, advance, batch_text_kv, start
+from vqdiff.model.sampling.sampler import RequestState, advance, batch_text_kv, forward_rows, start
 from vqdiff.model.sampling.params import image_seed
 from vqdiff.model.io.images import decode_pngs, preview_tokens
 from vqdiff.server.metrics import Metrics
@@ -287,7 +287,7 @@ class Engine:
                     groups += [group[: len(group) // 2], group[len(group) // 2 :]]
                 continue
             self.metrics.label(self.metrics.forwards).inc()
-            self.metrics.label(self.metrics.rows).observe(2 * len(states))
+            self.metrics.label(self.metrics.rows).observe(forward_rows(states))
             yield group, out
 
     # -- results -----------------------------------------------------------------------------------

@@ -103,5 +103,7 @@ class Request:
 
     @property
     def rows(self) -> int:
-        """Rows this request takes in every forward: a cond and an uncond row per image."""
+        """Rows the scheduler budgets for this request: a cond and an uncond row per image (at
+        guidance_scale 1 the forward runs only the cond rows, ``sampler.guided``: the budget is then
+        an upper bound)."""
         return 2 * self.n

@@ -87,28 +87,53 @@ class RequestState:
         }
 
 
+def guided(states: list[RequestState]) -> list[int]:
+    """The requests that need an unconditional row: guidance_scale != 1. At 1, Eq. 7's
+    uncond + 1 * (cond - uncond) is the cond branch alone, so its uncond row is never run."""
+    return [i for i, s in enumerate(states) if s.params.guidance_scale != 1.0]
+
+
+def forward_rows(states: list[RequestState]) -> int:
+    """Rows of one forward over ``states``: a cond row each, an uncond row each guided one."""
+    return len(states) + len(guided(states))
+
+
 def batch_text_kv(states: list[RequestState]) -> Tensor:
-    """(layers, 2, 2B, H, L, Dh): the cond rows of all requests, then their uncond rows. Fixed while
-    the batch's membership is, so a caller stepping the same requests again may keep it."""
-    return torch.cat([s.text_kv[:, :, :1] for s in states] + [s.text_kv[:, :, 1:] for s in states], dim=2)
+    """(layers, 2, B + G, H, L, Dh): the cond rows of all requests, then the uncond rows of the G
+    guided ones (``guided``). Fixed while the batch's membership is, so a caller stepping the same
+    requests again may keep it."""
+    g = guided(states)
+    return torch.cat([s.text_kv[:, :, :1] for s in states] + [states[i].text_kv[:, :, 1:] for i in g], dim=2)
 
 
 @torch.no_grad()
 def advance(transformer, schedule: Schedule, states: list[RequestState], text_kv: Tensor | None = None,
             forward=None) -> StepOutput:
-    """One step for every request in ``states`` (none may be done): one forward of 2B rows.
+    """One step for every request in ``states`` (none may be done): one forward of B + G rows (a
+    cond row each, an uncond row each of the G with guidance: ``guided``).
     ``text_kv``: ``batch_text_kv(states)`` if the caller has it already (it may hold padding rows
     beyond the 2B: ``forward`` pads to its bucket, ``buckets.BucketedForward``). ``forward``: what
     runs the transformer (default: ``transformer`` itself, eager)."""
     if not states or any(s.done for s in states):
         raise ValueError("advance needs a non-empty list of unfinished requests")
     device = states[0].tokens.device
-    b = len(states)
+    b, g = len(states), guided(states)
     x = torch.stack([s.tokens for s in states])  # (B, N)
     t = torch.tensor([s.plan.timesteps[s.step] for s in states], device=device)  # (B,)
-    kv = batch_text_kv(states) if text_kv is None else text_kv  # (layers, 2, 2B, H, L, Dh)
-    logits = (forward or transformer)(torch.cat([x, x]), torch.cat([t, t]), text_kv=kv)  # (2B, N, K)
-    out = denoise_step(logits[:b], logits[b:], x, BatchParams.build([s.row() for s in states], device), schedule)
+    kv = batch_text_kv(states) if text_kv is None else text_kv  # (layers, 2, B + G, H, L, Dh)
+    if len(g) == b:
+        rows_x, rows_t = torch.cat([x, x]), torch.cat([t, t])  # (2B, N), (2B,)
+    else:
+        idx = torch.tensor(g, dtype=torch.long, device=device)
+        rows_x, rows_t = torch.cat([x, x[idx]]), torch.cat([t, t[idx]])  # (B + G, N), (B + G,)
+    logits = (forward or transformer)(rows_x, rows_t, text_kv=kv)  # (B + G, N, K)
+    cond = logits[:b]  # (B, N, K)
+    if len(g) == b:
+        uncond = logits[b:]
+    else:  # an unguided row's uncond is its cond: uncond + 1 * (cond - uncond) is then cond exactly
+        uncond = cond.clone()
+        uncond[idx] = logits[b:]
+    out = denoise_step(cond, uncond, x, BatchParams.build([s.row() for s in states], device), schedule)
     for i, s in enumerate(states):
         s.tokens, s.purity, s.step = out.tokens[i], out.purity[i], s.step + 1
     return out

@@ -16,7 +16,7 @@ from PIL import Image
 import vqdiff.server.engine as engine_module
 from vqdiff.model.io.folder import random_model
 from vqdiff.model.sampling.params import GenerationParams
-from vqdiff.model.sampling.sampler import batch_text_kv, sample
+from vqdiff.model.sampling.sampler import batch_text_kv, forward_rows, sample
 from vqdiff.server.engine import Engine
 from vqdiff.model.io.images import decode_pngs
 from vqdiff.server.request import Failure, Progress, Request, Result, Status
@@ -229,7 +229,7 @@ def test_a_step_that_raises_is_bisected_so_only_the_bad_request_fails(make_engin
 def same_kv(text_kv, states) -> bool:
     """``text_kv`` is the batch's own k/v rebuilt from its states, then only zero padding rows
     (the engine pads to its row bucket when its forward is compiled)."""
-    rows = 2 * len(states)
+    rows = forward_rows(states)
     return torch.equal(text_kv[:, :, :rows], batch_text_kv(states)) and not text_kv[:, :, rows:].any()
 
 
