@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU serving measurements in ONE run on a GPU machine (H100/H200), under 8 minutes:
+# The GPU serving measurements on a GPU machine (H100/H200), in two calls of under 8 minutes each
+# (a device call may last 10): PARTS=1,2,3 then PARTS=1,4 (part 1 reuses the folder when it exists):
 #   1. a random ITHQ-shaped model folder (`vqdiff init --preset ithq`: no download; its weights are
 #      random, its shapes and FLOPs are ITHQ's);
 #   2. the GPU tests (`-m gpu`: the kernels at ITHQ shapes, the compiled forward on CUDA);
 #   3. benchmarks/bench_server.py on CUDA, bf16, 100 posterior forwards with guidance: eager, then
 #      `--compile reduce-overhead` (CUDA graphs over row buckets), 16 and 32 concurrent clients, with
 #      MFU against the bf16 dense peak (PEAK_TFLOPS, default 989);
-#   4. benchmarks/bench_diffusers.py --device cuda on the same folder (ours against diffusers'
-#      VQDiffusionPipeline, same weights, same run).
+#   4. benchmarks/bench_diffusers.py --device cuda --dtype bf16 --quick on the same folder (ours against
+#      diffusers' VQDiffusionPipeline, same weights, same run; about 5 minutes at ITHQ size).
 # Raw outputs go to $OUT (default docs/results/gpu/): env.txt and one .txt (+ .json) per step.
 # Without CUDA every step that needs it is skipped with a message, so the script can be rehearsed on
 # a CPU: GPU_SERVE_PRESET=tiny OUT=/tmp/gpu_serve bash benchmarks/gpu_serve.sh
@@ -16,6 +17,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/docs/results/gpu}
 PRESET=${GPU_SERVE_PRESET:-ithq}
 PEAK=${PEAK_TFLOPS:-989}
+PARTS=",${PARTS:-1,2,3,4},"
+part() { case "$PARTS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -36,24 +39,30 @@ step() { echo "== $*"; }
 skip() { echo "gpu_serve: skipped ($1): no CUDA device here" | tee "$OUT/$2.txt"; }
 
 MODEL=${GPU_SERVE_MODEL:-/tmp/vqdiff-$PRESET-random}
+if part 1; then
 step "1. a random $PRESET-shaped model folder at $MODEL"
 if [ -f "$MODEL/model_index.json" ]; then echo "exists"
 else timeout 240 "$PY" -m vqdiff.cli init --preset "$PRESET" "$MODEL" --overwrite 2>&1 | tail -3 || status=1; fi
+fi
 
+if part 2; then
 step "2. GPU tests"
 if [ $cuda = 1 ]; then
   timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests --durations=5 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
 else skip "the GPU tests" gpu_tests; fi
+fi
 
+if part 3; then
 step "3. bench_server on CUDA: eager, then CUDA graphs over row buckets"
 if [ $cuda = 1 ]; then
-  for mode in off reduce-overhead; do
-    for clients in 16 32; do
-      timeout 200 "$PY" benchmarks/bench_server.py --model "$MODEL" --sampler posterior --clients "$clients" \
+  for run in off:16 reduce-overhead:16 reduce-overhead:32; do
+    mode=${run%:*} clients=${run#*:}
+    {
+      timeout 150 "$PY" benchmarks/bench_server.py --model "$MODEL" --sampler posterior --clients "$clients" \
         --requests "$((2 * clients))" --sequential 2 --max-rows 64 --dtype bf16 --peak-tflops "$PEAK" \
         --json "$OUT/server_${mode}_${clients}.json" -- --device cuda --compile "$mode" \
         2>&1 | tee "$OUT/server_${mode}_${clients}.txt" || status=1
-    done
+    }
   done
 else
   skip "bench_server on CUDA" server
@@ -62,12 +71,15 @@ else
     --sequential 1 --max-rows 8 --dtype fp32 --peak-tflops 1 --json "$OUT/server_rehearsal.json" -- --device cpu \
     2>&1 | tee "$OUT/server_rehearsal.txt" || status=1
 fi
+fi
 
+if part 4; then
 step "4. ours against diffusers' VQDiffusionPipeline on the same weights"
 if [ $cuda = 1 ]; then
-  timeout 200 "$PY" benchmarks/bench_diffusers.py --device cuda --model "$MODEL" --quick 2>&1 \
-    | tee "$OUT/diffusers.txt" || status=1
+  timeout 420 "$PY" benchmarks/bench_diffusers.py --device cuda --dtype bf16 --model "$MODEL" --quick \
+    --single-trials 2 2>&1 | tee "$OUT/diffusers.txt" || status=1
 else skip "bench_diffusers on CUDA" diffusers; fi
+fi
 
 echo "gpu_serve: exit $status; results in $OUT"
 exit $status
