@@ -93,12 +93,14 @@ class CopyTransformer(nn.Module):
 TOY_SCHEDULE = Schedule(DiffusionConfig(num_classes=2))
 
 
-def toy_states(sampler: str, steps: int, seeds: range, purity_weight: float = 1.0) -> list[RequestState]:
+def toy_states(sampler: str, steps: int, seeds: range, purity_weight: float = 1.0,
+               guidance_scale: float = 1.0) -> list[RequestState]:
     p = plan(sampler, steps, 2, TOY_SCHEDULE)
     states = []
     for s in seeds:
         params = GenerationParams(
-            guidance_scale=1.0, truncation_rate=1.0, sampler=sampler, steps=steps, seed=s, purity_weight=purity_weight
+            guidance_scale=guidance_scale, truncation_rate=1.0, sampler=sampler, steps=steps, seed=s,
+            purity_weight=purity_weight
         ).resolve(num_tokens=2, num_timesteps=TOY_SCHEDULE.num_timesteps, has_null=False)
         kv = torch.tensor([float(s), -float(s) - 1]).view(1, 1, 2, 1).expand(1, 2, 2, 1).contiguous()
         states.append(RequestState(params=params, plan=p, tokens=torch.full((2,), MASK), text_kv=kv))
@@ -157,11 +159,14 @@ def test_toy_first_position_is_uniform(sampler):
 
 def test_advance_feeds_cond_rows_then_uncond_rows():
     net = CopyTransformer()
-    states = toy_states("random", 2, range(3))
+    states = toy_states("random", 2, range(3), guidance_scale=2.0)
     advance(net, TOY_SCHEDULE, states)
     # request s has kv cond = s, uncond = -s - 1
     assert net.seen_kv[0].tolist() == [0.0, 1.0, 2.0, -1.0, -2.0, -3.0]
     assert all(s.step == 1 for s in states)
+    net = CopyTransformer()
+    advance(net, TOY_SCHEDULE, toy_states("random", 2, range(3)))  # guidance 1: no uncond rows at all
+    assert net.seen_kv[0].tolist() == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError):
         advance(net, TOY_SCHEDULE, [])
 
