@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scaleout import start, wait  # noqa: E402
+from bench_scaleout import start, start_redis, wait  # noqa: E402
 from bench_server import free_port  # noqa: E402
 
 from vqdiff.model.sampling.params import GenerationParams  # noqa: E402
@@ -231,13 +230,7 @@ def main() -> None:
     ap.add_argument("--budget-images", type=int, default=4, help="images of the streamed job")
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is not installed")
-
-    rport = free_port()
-    redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    redis_url = f"redis://127.0.0.1:{rport}/0"
+    redis_proc, _, redis_url = start_redis()
     try:
         time.sleep(0.3)
         rows = reclaim(args, redis_url)

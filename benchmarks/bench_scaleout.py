@@ -72,6 +72,16 @@ def setup(workers: int, args, redis_url: str) -> tuple[str, list[subprocess.Pope
     return f"http://127.0.0.1:{port}", procs
 
 
+def start_redis() -> tuple[subprocess.Popen, int, str]:
+    """A redis-server on a free loopback port, in memory only (no RDB, no AOF): (process, port, URL)."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    return proc, port, f"redis://127.0.0.1:{port}/0"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
@@ -82,13 +92,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override the model's default steps")
     ap.add_argument("--workers", default="0,1,2", help="setups to run: 0 = the single process")
     args = ap.parse_args()
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is not installed")
-
-    rport = free_port()
-    redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    redis_url = f"redis://127.0.0.1:{rport}/0"
+    redis_proc, rport, redis_url = start_redis()
     prompts = [p for p, _ in prompt_set("two", n=args.requests)]
     extra = {"steps": args.steps} if args.steps else {}
     bodies = [{"prompt": p, "seed": i, **extra} for i, p in enumerate(prompts)]
