@@ -24,13 +24,12 @@ from vqdiff.model.sampling.params import SAMPLERS, UNCONDS, GenerationParams
 from vqdiff.model.sampling.sampler import request_params
 from vqdiff.server.aio import ApiEventStream
 from vqdiff.model.sampling.params import image_seed
-from vqdiff.server.api import PARAM_NAMES, preview_interval, require_key, timings_dict
+from vqdiff.server.api import PARAM_NAMES, preview_interval, require_key, resolve_model, timings_dict
 from vqdiff.server.engine import Engine
-from vqdiff.server.errors import ApiError, from_failure, from_submit, invalid
+from vqdiff.server.errors import ApiError, from_failure, invalid
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
 from vqdiff.server.request import Failure, Progress, Request, Result
-from vqdiff.server.scheduler import Unavailable
 from vqdiff.server.served import Served
 from vqdiff.server.settings import Settings
 
@@ -85,18 +84,6 @@ def to_request(msg: pb.GenerateRequest, served: Served, settings: Settings, stre
     preview = preview_interval(requested, settings, params.steps) if stream else 0  # previews only travel on streams
     return Request(prompt=msg.prompt, params=params, n=msg.n if msg.HasField("n") else 1, preview_every=preview,
                    timeout_s=timeout_s, model=served.name)
-
-
-def resolve(engine: Engine, msg: pb.GenerateRequest) -> Served:
-    """The served model ``msg.model`` names (unset: the default); INVALID_ARGUMENT, or UNAVAILABLE
-    while nothing is served yet."""
-    try:
-        return engine.catalog.resolve(msg.model if msg.HasField("model") else None)
-    except ValueError as e:
-        raise invalid(str(e), "model") from None
-    except Unavailable as e:
-        engine.metrics.count("unavailable")
-        raise from_submit(e) from None
 
 
 def params_pb(p: GenerationParams) -> pb.GenerationParams:
@@ -183,7 +170,7 @@ class ImageGeneration(generate_pb2_grpc.ImageGenerationServicer):
         if isinstance(msg, Malformed):
             raise invalid(msg.message)
         # the client's deadline bounds the engine's (which is also capped by request_timeout_s)
-        served = resolve(self.engine, msg)
+        served = resolve_model(self.engine, msg.model if msg.HasField("model") else None)
         return to_request(msg, served, self.settings, stream, timeout_s=context.time_remaining())
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:

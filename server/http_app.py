@@ -17,13 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vqdiff.model.sampling.params import GenerationParams
 from vqdiff.model.sampling.sampler import request_params
 from vqdiff.server.aio import ApiEventStream, ResumeStream
-from vqdiff.server.api import preview_interval, require_key
+from vqdiff.server.api import preview_interval, require_key, resolve_model
 from vqdiff.server.docs import add_docs
 from vqdiff.server.engine import Engine
 from vqdiff.server.errors import ApiError, bad_body, from_failure, invalid, unavailable
 from vqdiff.server.request import Failure, Progress, Request, Result
-from vqdiff.server.scheduler import Unavailable
-from vqdiff.server.served import Served
 from vqdiff.server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
 )
@@ -109,21 +107,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     # -- generation ----------------------------------------------------------------------------------
 
-    def resolve(name: str | None) -> Served:
-        """The served model a request names (none: the default); 422 naming ``model``, or 503 while
-        no worker has published one."""
-        try:
-            return catalog.resolve(name)
-        except ValueError as e:
-            raise invalid(str(e), "model") from None
-        except Unavailable as e:
-            engine.metrics.count("unavailable")
-            error = unavailable(f"the server cannot take requests now: {e}")
-            error.counted = True
-            raise error from None
-
     def build(body: GenerateRequest) -> Request:
-        served = resolve(body.model)
+        served = resolve_model(engine, body.model)
         try:
             params = request_params(served.model, body.given())
         except ValueError as e:
@@ -206,7 +191,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=ERRORS,
               dependencies=[Depends(authorize)])
     async def openai_images(body: OpenAIImageRequest, http: HttpRequest):
-        served = resolve(body.model)
+        served = resolve_model(engine, body.model)
         size = f"{served.image_size}x{served.image_size}"
         if body.size not in (None, "auto", size):
             raise invalid(f"size: {body.size!r} is not allowed; this model draws {size}", "size")
