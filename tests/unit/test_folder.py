@@ -273,6 +273,18 @@ def test_half_precision_folder_with_provenance(tokenizer, tiny_config, tmp_path)
     assert json.loads((folder / "vqdiff.json").read_text())["trained"]["command"] == "vqdiff train ..."
 
 
+def test_load_casts_each_weight_once_to_the_requested_dtype(diffusers_folder, ours):
+    """dtype is the transformer's alone; every other part stays fp32, and the cast is the one a
+    loaded fp32 model's .to(dtype) gives (the weights go file -> final dtype in one copy)."""
+    half = load_model(diffusers_folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.transformer.parameters()} == {torch.bfloat16}
+    for part in (half.vqvae, half.text_encoder):
+        assert {p.dtype for p in part.parameters()} == {torch.float32}
+    want = {k: v.to(torch.bfloat16) for k, v in ours.transformer.state_dict().items()}
+    assert all(torch.equal(v, want[k]) for k, v in half.transformer.state_dict().items())
+    assert not any(t.is_meta for t in list(half.parameters()) + list(half.buffers()))
+
+
 def test_bad_generation_defaults_are_named(tokenizer, tiny_config, tmp_path):
     model = random_model(tiny_config, tokenizer, seed=4)
     folder = save_model(model, tmp_path / "m")
