@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from vqdiff.model.sampling.buckets import BucketedForward
+from vqdiff.model.io import edit_input as edits
+from vqdiff.model.sampling.edit import edit_params
 from vqdiff.model.sampling.rng import random_seed
 from vqdiff.model.sampling.sampler import RequestState, advance, batch_text_kv, forward_rows, start
 from vqdiff.model.sampling.params import image_seed
@@ -213,10 +215,11 @@ class Engine:
             prompts = [r.prompt for r in group for _ in range(r.n)]
             params = [replace(r.params, seed=image_seed(r.params.seed, i)) for r in group for i in range(r.n)]
             try:
-                states = start(self.model, prompts, params)
+                inits = [g for r in group for g in self._start_grids(r)]  # an edit's image, VQVAE-encoded
+                states = start(self.model, prompts, params, inits)
             except Exception as e:
                 if len(group) == 1:
-                    failed[group[0]] = (Status.FINISHED_FAILED, f"text encoding failed: {e}")
+                    failed[group[0]] = (Status.FINISHED_FAILED, f"could not start: {e}")
                 else:
                     groups += [group[: len(group) // 2], group[len(group) // 2 :]]
                 continue
@@ -225,6 +228,13 @@ class Engine:
                 self._states[r], i = states[i : i + r.n], i + r.n
         if failed:
             self._finish_all(failed)
+
+    def _start_grids(self, r: Request) -> list:
+        """Each image's starting grid: None (all masked) for a generation, the image's tokens with the
+        repainted ones masked for an edit (model/io/edit_input.py)."""
+        if r.edit is None:
+            return [None] * r.n
+        return edits.start_grids(self.model, r.edit, r.params.seed, r.n, self.settings.max_upload_bytes)
 
     def _step(self, running: list[Request]) -> None:
         t0 = time.perf_counter()
@@ -365,8 +375,9 @@ class Engine:
 
 
 def validate(req: Request, limits, model) -> None:
-    """Check a request against the server's limits (``max_images``, ``max_prompt_chars``) and the
-    model (``config.transformer.num_tokens`` / ``num_timesteps``, ``null_cond``), and resolve its
+    """Check a request against the server's limits (``max_images``, ``max_prompt_chars``,
+    ``max_upload_bytes``) and the model (``config.transformer.num_tokens`` / ``num_timesteps``,
+    ``null_cond``; an edit's image: ``config.image_size`` and the token grid), and resolve its
     parameters with a fresh seed when it gave none. Raises ValueError naming the field. The engine
     and the API role's ``RemoteEngine`` (server/remote.py) both call it."""
     if not isinstance(req.n, int) or not 1 <= req.n <= limits.max_images:
@@ -380,6 +391,8 @@ def validate(req: Request, limits, model) -> None:
     c = model.config.transformer
     req.params = req.params.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps,
                                     has_null=model.null_cond is not None, seed=random_seed())
+    if req.edit is not None:  # an inpainting or a variation: its checks, and at most M steps
+        req.params = edit_params(req.params, edits.check(req.edit, model.config, limits.max_upload_bytes))
 
 
 def timeout_s(req: Request, limits) -> float:

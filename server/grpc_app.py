@@ -29,6 +29,7 @@ from vqdiff.server.engine import Engine
 from vqdiff.server.errors import ApiError, from_failure, invalid
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2 as pb
 from vqdiff.server.proto_gen.vqdiff.v1 import generate_pb2_grpc
+from vqdiff.model.io.edit_input import EditInput
 from vqdiff.server.request import Failure, Progress, Request, Result
 from vqdiff.server.served import Served
 from vqdiff.server.settings import Settings
@@ -83,7 +84,18 @@ def to_request(msg: pb.GenerateRequest, served: Served, settings: Settings, stre
     requested = msg.preview_every if msg.HasField("preview_every") else None
     preview = preview_interval(requested, settings, params.steps) if stream else 0  # previews only travel on streams
     return Request(prompt=msg.prompt, params=params, n=msg.n if msg.HasField("n") else 1, preview_every=preview,
-                   timeout_s=timeout_s, model=served.name)
+                   timeout_s=timeout_s, model=served.name, edit=to_edit(msg))
+
+
+def to_edit(msg: pb.GenerateRequest) -> EditInput | None:
+    """``image`` / ``mask`` / ``strength`` as an edit (the engine checks them, as over HTTP)."""
+    if not msg.HasField("image"):
+        for name in ("mask", "strength"):
+            if msg.HasField(name):
+                raise invalid(f"{name}: given without an image to edit", name)
+        return None
+    return EditInput(image=msg.image, mask=msg.mask if msg.HasField("mask") else None,
+                     strength=msg.strength if msg.HasField("strength") else None)
 
 
 def params_pb(p: GenerationParams) -> pb.GenerationParams:

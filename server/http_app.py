@@ -4,6 +4,8 @@ and serialise; every error leaves as ``{"error": {message, type, param, code}}``
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import time
 from pathlib import Path
@@ -21,13 +23,16 @@ from vqdiff.server.api import preview_interval, require_key, resolve_model
 from vqdiff.server.docs import add_docs
 from vqdiff.server.engine import Engine
 from vqdiff.server.errors import ApiError, bad_body, from_failure, invalid, unavailable
+from vqdiff.model.io.edit_input import EditInput
 from vqdiff.server.request import Failure, Progress, Request, Result
 from vqdiff.server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
 )
 from vqdiff.server.settings import Settings
+from vqdiff.server.uploads import integer, number, read_form
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+VARIATION_STRENGTH = 0.5  # /v1/images/variations without a strength: half the tokens repainted
 POLL_S = 0.1  # how often a waiting plain request checks whether its client is still there
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 422, 429, 500, 503, 504)}
 ROUTING = {404: ("not_found", "not_found"), 405: ("method_not_allowed", "method_not_allowed")}  # (type, code)
@@ -117,7 +122,28 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             raise invalid(f"preview_every: {body.preview_every} is not allowed; expected an integer >= 0")
         preview = preview_interval(body.preview_every, settings, params.steps) if body.stream else 0
         return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview, resumable=body.stream,
-                       model=served.name)
+                       model=served.name, edit=edit_of(body))
+
+    def edit_of(body: GenerateRequest) -> EditInput | None:
+        """The body's image / mask / strength (base64 PNGs) as an edit; the engine checks the rest."""
+        if body.image is None:
+            for name in ("mask", "strength"):
+                if getattr(body, name) is not None:
+                    raise invalid(f"{name}: given without an image to edit", name)
+            return None
+        pngs = {name: unbase64(getattr(body, name), name) for name in ("image", "mask")}
+        return EditInput(image=pngs["image"], mask=pngs["mask"], strength=body.strength)
+
+    def unbase64(text: str | None, name: str) -> bytes | None:
+        if text is None:
+            return None
+        if len(text) > 4 * (settings.max_upload_bytes // 3 + 1):  # before decoding it
+            raise invalid(f"{name}: {len(text)} base64 characters is too large; at most {settings.max_upload_bytes} "
+                          "bytes of PNG", name)
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"{name}: not valid base64", name) from None
 
     async def run(http: HttpRequest, req: Request) -> Result:
         """Submit and wait for the result; a client that disconnects cancels the request."""
@@ -188,21 +214,69 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         events = await ResumeStream(engine, req, http.headers.get("last-event-id") or after or "0").__aenter__()
         return event_stream(sse(req, events, resumed=True), events)
 
-    @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=ERRORS,
-              dependencies=[Depends(authorize)])
-    async def openai_images(body: OpenAIImageRequest, http: HttpRequest):
-        served = resolve_model(engine, body.model)
-        size = f"{served.image_size}x{served.image_size}"
-        if body.size not in (None, "auto", size):
-            raise invalid(f"size: {body.size!r} is not allowed; this model draws {size}", "size")
-        if body.response_format not in (None, "b64_json"):
-            raise invalid(f"response_format: {body.response_format!r} is not supported; use 'b64_json'",
-                          "response_format")
-        req = Request(prompt=body.prompt, params=served.defaults, n=body.n if body.n is not None else 1,
-                      model=served.name)
+    # -- the OpenAI Images API ------------------------------------------------------------------------
+
+    def openai_checks(served, size: str | None, response_format: str | None) -> None:
+        want = f"{served.image_size}x{served.image_size}"
+        if size not in (None, "", "auto", want):
+            raise invalid(f"size: {size!r} is not allowed; this model draws {want}", "size")
+        if response_format not in (None, "", "b64_json"):
+            raise invalid(f"response_format: {response_format!r} is not supported; use 'b64_json'", "response_format")
+
+    async def openai_run(http: HttpRequest, req: Request):
         result = await run(http, req)
         if result is None:
             return Response(status_code=499)
         return OpenAIImagesResponse(created=int(time.time()), data=[OpenAIImage(b64_json=b64(p)) for p in result.images])
+
+    @app.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=ERRORS,
+              dependencies=[Depends(authorize)])
+    async def openai_images(body: OpenAIImageRequest, http: HttpRequest):
+        served = resolve_model(engine, body.model)
+        openai_checks(served, body.size, body.response_format)
+        req = Request(prompt=body.prompt, params=served.defaults, n=body.n if body.n is not None else 1,
+                      model=served.name)
+        return await openai_run(http, req)
+
+    async def openai_edit(http: HttpRequest, variation: bool):
+        """images.edit / images.create_variation: a multipart form (server/uploads.py). Beside the
+        OpenAI fields, ``seed`` (both) and ``strength`` / ``prompt`` (variations) are read; other
+        fields are ignored, as on /v1/images/generations."""
+        texts, files = await read_form(http, settings.max_upload_bytes)
+        served = resolve_model(engine, texts.get("model") or None)
+        openai_checks(served, texts.get("size"), texts.get("response_format"))
+        if "image" not in files:
+            raise invalid("image: required: the PNG file to edit", "image")
+        prompt = texts.get("prompt", "" if variation else None)
+        if prompt is None:
+            raise invalid("prompt: required: what to draw in the masked region", "prompt")
+        seed = integer(texts, "seed")
+        if variation:
+            if "mask" in files:
+                raise invalid("mask: a variation takes no mask; use /v1/images/edits to repaint a region", "mask")
+            edit = EditInput(image=files["image"], strength=number(texts, "strength", VARIATION_STRENGTH))
+        else:
+            if "strength" in texts:
+                raise invalid("strength: is for /v1/images/variations; an edit repaints its mask's region", "strength")
+            edit = EditInput(image=files["image"], mask=files.get("mask", files["image"]))  # none: the image's alpha
+        params = served.defaults if seed is None else request_params(served.model, {"seed": seed})
+        req = Request(prompt=prompt, params=params, n=integer(texts, "n", 1), model=served.name, edit=edit)
+        return await openai_run(http, req)
+
+    multipart = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}}
+
+    @app.post("/v1/images/edits", response_model=OpenAIImagesResponse, responses=ERRORS,
+              dependencies=[Depends(authorize)], openapi_extra=multipart)
+    async def openai_edits(http: HttpRequest):
+        """Repaint the region of ``image`` that ``mask`` (or, without one, the image itself) leaves
+        transparent, drawing ``prompt`` there; every other token of the image is kept."""
+        return await openai_edit(http, variation=False)
+
+    @app.post("/v1/images/variations", response_model=OpenAIImagesResponse, responses=ERRORS,
+              dependencies=[Depends(authorize)], openapi_extra=multipart)
+    async def openai_variations(http: HttpRequest):
+        """Images like ``image``: a ``strength`` share of its tokens (default 0.5) repainted, chosen by
+        each image's seed; ``prompt`` (default empty) conditions the repainted tokens."""
+        return await openai_edit(http, variation=True)
 
     return app

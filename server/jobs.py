@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.io.edit_input import EditInput
 from vqdiff.server.request import Event, Failure, Progress, Request, Result, Status, Timings
 
 
@@ -27,32 +28,42 @@ class Job:
     preview_every: int = 0
     deadline: float = float("inf")  # wall-clock seconds (time.time()): processes share no monotonic clock
     created: float = field(default_factory=time.time)
+    edit: EditInput | None = None  # an edit's PNGs travel in the job, base64
 
     @classmethod
     def of(cls, req: Request, model: str, timeout_s: float) -> Job:
         return cls(id=req.id, model=model, prompt=req.prompt, params=req.params, n=req.n,
-                   preview_every=req.preview_every, deadline=time.time() + timeout_s)
+                   preview_every=req.preview_every, deadline=time.time() + timeout_s, edit=req.edit)
 
     def to_fields(self) -> dict[str, str]:
-        return {"job": json.dumps({
-            "id": self.id, "model": self.model, "prompt": self.prompt, "params": self.params.to_dict(), "n": self.n,
-            "preview_every": self.preview_every, "deadline": self.deadline, "created": self.created})}
+        d = {"id": self.id, "model": self.model, "prompt": self.prompt, "params": self.params.to_dict(), "n": self.n,
+             "preview_every": self.preview_every, "deadline": self.deadline, "created": self.created}
+        if self.edit is not None:
+            e = self.edit
+            d["edit"] = {"image": _b64(e.image), "mask": None if e.mask is None else _b64(e.mask),
+                         "strength": e.strength}
+        return {"job": json.dumps(d)}
 
     @classmethod
     def from_fields(cls, fields: dict) -> Job:
         """Raises ValueError on an entry that is not a job (a poison entry is failed, not retried)."""
         try:
             d = json.loads(_text(fields, "job"))
+            e = d.get("edit")
+            edit = None if e is None else EditInput(
+                image=base64.b64decode(e["image"]), mask=None if e["mask"] is None else base64.b64decode(e["mask"]),
+                strength=e["strength"])
             return cls(id=d["id"], model=d["model"], prompt=d["prompt"], params=GenerationParams.from_dict(d["params"]),
-                       n=d["n"], preview_every=d["preview_every"], deadline=d["deadline"], created=d["created"])
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+                       n=d["n"], preview_every=d["preview_every"], deadline=d["deadline"], created=d["created"],
+                       edit=edit)
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
             raise ValueError(f"not a job entry: {e!r}") from None
 
     def request(self, emit) -> Request:
         """The engine's request for this job; its deadline is converted to this process's clock."""
         left = self.deadline - time.time()
         return Request(prompt=self.prompt, params=self.params, n=self.n, preview_every=self.preview_every, emit=emit,
-                       timeout_s=max(left, 1e-3), id=self.id)
+                       timeout_s=max(left, 1e-3), id=self.id, edit=self.edit)
 
 
 def _b64(data: bytes) -> str:

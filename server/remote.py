@@ -273,6 +273,7 @@ class RemoteEngine:
         return SimpleNamespace(
             max_images=int(info.get("max_images") or s.max_images),
             max_prompt_chars=int(info.get("max_prompt_chars") or s.max_prompt_chars),
+            max_upload_bytes=min(int(info.get("max_upload_bytes") or s.max_upload_bytes), s.max_upload_bytes),
             request_timeout_s=min(float(info.get("request_timeout_s") or s.request_timeout_s), s.request_timeout_s))
 
     def drain(self) -> None:

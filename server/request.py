@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from vqdiff.model.io.edit_input import EditInput  # an edit's PNGs: checked by engine.validate
 from vqdiff.model.sampling.params import GenerationParams
 
 
@@ -88,6 +89,7 @@ class Request:
     preview_every: int = 0  # 0: no previews
     resumable: bool = False  # an SSE stream: its client may reconnect with Last-Event-ID
     model: str | None = None  # the served model's name (``Catalog.resolve``); None: the process's only one
+    edit: EditInput | None = None  # None: a generation from an all-masked grid
     emit: Callable[[Event], None] = lambda event: None
     timeout_s: float | None = None  # None: the engine's default deadline
     id: str = field(default_factory=new_id)

@@ -29,6 +29,12 @@ class GenerateRequest(BaseModel):
     sampler: Optional[Literal["purity", "random", "posterior", "skip"]] = None
     purity_weight: Optional[Number] = Field(None, description="r of Eq. 11 (purity sampler).")
     uncond: Optional[Literal["auto", "null", "empty", "negative"]] = None
+    image: Optional[StrictStr] = Field(None, description="An edit: the image to start from, a base64 PNG at the model's "
+                                                         "size; with mask (inpainting) or strength (a variation).")
+    mask: Optional[StrictStr] = Field(None, description="A base64 PNG of the image's size: its transparent pixels "
+                                                        "(alpha 0) mark the region to repaint.")
+    strength: Optional[Number] = Field(None, description="A variation (image, no mask): the share of tokens "
+                                                         "repainted, in (0, 1], chosen by each image's seed.")
     stream: StrictBool = Field(False, description="Server-Sent Events: progress with previews, then the result.")
     preview_every: Optional[StrictInt] = Field(None, description="Steps between streamed previews (stream only).")
 

@@ -100,6 +100,7 @@ def model_record(model, folder: Path, settings: Settings) -> dict:
     return {**model_info(model, folder), "num_tokens": c.num_tokens, "num_timesteps": c.num_timesteps,
             "has_null": model.null_cond is not None, "generation_defaults": dict(model.generation_defaults or {}),
             "max_images": settings.max_images, "max_prompt_chars": settings.max_prompt_chars,
+            "max_upload_bytes": settings.max_upload_bytes,
             "max_rows": settings.max_rows, "request_timeout_s": settings.request_timeout_s}
 
 

@@ -14,6 +14,8 @@ import sys
 COMMANDS = (
     (("info",), "vqdiff.model.io.commands:add_info", "describe a model folder"),
     (("generate",), "vqdiff.model.sampling.generate:add_arguments", "generate images from a prompt"),
+    (("edit",), "vqdiff.model.sampling.generate:add_edit_arguments",
+     "repaint an image's masked region from a prompt, or make variations (--strength)"),
     (("eval",), "vqdiff.model.shapes.evaluate:add_arguments",
      "prompt fidelity / quality / diversity on the shapes benchmark"),
     (("convert",), "vqdiff.model.io.commands:add_convert",

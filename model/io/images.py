@@ -49,3 +49,53 @@ def preview_tokens(tokens: Tensor, log_p: Tensor, mask_id: int) -> Tensor:
     """A 'predicted' preview: masked positions show the current argmax of p(x0).
     tokens: (B, N); log_p: (B, N, K) -> (B, N) in [0, K)."""
     return torch.where(tokens == mask_id, log_p.argmax(dim=-1), tokens)
+
+
+MAX_PIXELS = 4096 * 4096  # an upload declaring more is refused before its pixels are decompressed
+
+
+def read_png(data: bytes, field: str) -> Image.Image:
+    """PNG bytes -> a decoded PIL image; anything else (another format, a truncated or corrupt file,
+    more than ``MAX_PIXELS``) raises ValueError naming ``field``."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise ValueError(f"{field}: empty; expected a PNG file")
+    try:
+        im = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Exception:  # noqa: BLE001 - PIL raises several types for a file it cannot identify
+        raise ValueError(f"{field}: not a PNG file") from None
+    if im.width * im.height > MAX_PIXELS:
+        raise ValueError(f"{field}: {im.width}x{im.height} pixels is too large")
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+        raise ValueError(f"{field}: the PNG data is damaged ({e})") from None
+    return im
+
+
+def check_size(im: Image.Image, size: int, field: str) -> None:
+    """The model edits ``size`` x ``size`` images: any other size is refused (not resized: the frozen
+    tokens are meant to be the given image's own)."""
+    if (im.width, im.height) != (size, size):
+        raise ValueError(f"{field}: {im.width}x{im.height} is not allowed; this model edits {size}x{size} images "
+                         "(resize it first)")
+
+
+def rgb_tensor(im: Image.Image) -> Tensor:
+    """A PIL image -> (3, H, W) float32 in [0, 1] (alpha dropped; palette and grey expanded)."""
+    arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+    return arr.view(im.height, im.width, 3).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+def has_transparency(im: Image.Image) -> bool:
+    """Whether the image carries an alpha channel (or a transparent palette entry / colour)."""
+    return "A" in im.getbands() or "transparency" in im.info
+
+
+def transparent_pixels(im: Image.Image, field: str) -> Tensor:
+    """(H, W) bool: True where the image is fully transparent (alpha 0): the region to repaint, as the
+    OpenAI Images API defines an edit's mask. A PNG without transparency raises ValueError."""
+    if not has_transparency(im):
+        raise ValueError(f"{field}: has no alpha channel; transparent pixels (alpha 0) mark the region to edit, "
+                         "so send an RGBA PNG")
+    alpha = torch.frombuffer(bytearray(im.convert("RGBA").getchannel("A").tobytes()), dtype=torch.uint8)
+    return alpha.view(im.height, im.width) == 0  # (H, W)

@@ -1,6 +1,7 @@
-"""``vqdiff generate``: images from a prompt, one PNG each. The generation flags (``--steps``,
-``--guidance-scale``, ...) are ``GenerationParams``' fields; a flag not given keeps the model
-folder's default (``vqdiff eval`` takes the same flags)."""
+"""``vqdiff generate``: images from a prompt, one PNG each; ``vqdiff edit``: an image's masked region
+repainted from a prompt, or variations of it (model/sampling/edit.py). The generation flags
+(``--steps``, ``--guidance-scale``, ...) are ``GenerationParams``' fields; a flag not given keeps the
+model folder's default (``vqdiff eval`` takes the same flags)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,57 @@ def run(args: argparse.Namespace) -> None:
     write_pngs(model, result.tokens, paths)
     for path, p in zip(paths, result.params):
         print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale}")
+
+
+def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", type=Path, help="PNG at the model's image size")
+    parser.add_argument("prompt", nargs="?", default="", help="what to draw in the region (default: empty)")
+    parser.add_argument("--mask", type=Path, help="PNG of the image's size: its transparent pixels (alpha 0) are "
+                                                  "repainted; without --mask or --strength, the image's own alpha")
+    parser.add_argument("--strength", type=float, help="a variation: the share of tokens repainted, in (0, 1]")
+    parser.add_argument("-o", "--out", default="out.png", help="PNG path; with --n > 1, NAME-i.png")
+    parser.add_argument("--n", type=int, default=1, help="images (seeds seed, seed+1, ...)")
+    parser.add_argument("--seed", type=int)
+    add_model_arguments(parser)
+    parser.set_defaults(func=run_edit)
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    """The same request the server takes (model/io/edit_input.py checks it: sizes, the mask)."""
+    from tqdm import tqdm
+
+    from vqdiff.model.sampling.edit import edit_params
+    from vqdiff.model.sampling.rng import random_seed
+    from vqdiff.model.sampling.sampler import sample
+    from vqdiff.model.io import edit_input as edits
+    from vqdiff.model.io.edit_input import EditInput
+
+    if args.n < 1:
+        raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
+    image = _read(args.image, "image")
+    request = EditInput(image=image, mask=None if args.strength is not None else
+                        (_read(args.mask, "--mask") if args.mask else image), strength=args.strength)
+    model = load(args)
+    limit = max(len(image), len(request.mask or b""))
+    c = model.config.transformer
+    repainted = edits.check(request, model.config, limit)
+    seed = args.seed if args.seed is not None else random_seed()
+    base = params_from_args(args, model)
+    params = [edit_params(GenerationParams.from_dict({"seed": image_seed(seed, i)}, base).resolve(
+        num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None), repainted)
+        for i in range(args.n)]
+    inits = edits.start_grids(model, request, seed, args.n, limit)
+    with tqdm(total=max(p.steps for p in params), desc="repainting", unit="step", disable=args.quiet) as bar:
+        result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1), decode=False,
+                        inits=inits)
+    paths = png_paths(args.out, args.n)
+    write_pngs(model, result.tokens, paths)
+    for path, p in zip(paths, result.params):
+        print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} repainted={repainted}/{c.num_tokens} tokens")
+
+
+def _read(path: Path, name: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read {path}: {e.strerror}") from None

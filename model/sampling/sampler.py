@@ -36,11 +36,13 @@ class Plan:
         return len(self.timesteps)
 
 
-def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule) -> Plan:
+def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule, masked: int | None = None) -> Plan:
     """The schedule of one request.
 
-    purity / random (Sec. 3.2): Δz ≈ N / steps tokens per forward, spread evenly; the timestep is the
-    one whose mask probability is nearest the current masked fraction (argmin |fraction - ctt[t]|).
+    purity / random (Sec. 3.2): Δz ≈ M / steps tokens per forward, spread evenly over the M masked
+    tokens (``masked``; None: all N, a generation; fewer: an edit, model/sampling/edit.py); the
+    timestep is the one whose mask probability is nearest the current masked fraction of the N
+    (argmin |fraction - ctt[t]|).
     posterior: t = T-1, ..., 0. skip: ``steps`` timesteps evenly spaced from T-1 down to 0; each forward
     evaluates the posterior one step above the next visited timestep (the released fast sampler).
     """
@@ -55,10 +57,14 @@ def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule) -> Plan:
         t_eval = [nxt + 1 for nxt in ts[1:]] + [0]
         return Plan(timesteps=tuple(ts), counts=(0,) * len(ts), t_eval=tuple(t_eval))
 
-    if not 1 <= steps <= num_tokens:
-        raise ValueError(f"steps: {steps} is not allowed for sampler {sampler!r}; expected 1..{num_tokens}")
-    counts = [(i + 1) * num_tokens // steps - i * num_tokens // steps for i in range(steps)]
-    masked_before = torch.tensor([num_tokens - i * num_tokens // steps for i in range(steps)], dtype=torch.float64)
+    m = num_tokens if masked is None else masked
+    if not 1 <= m <= num_tokens:
+        raise ValueError(f"masked: {m} tokens is not allowed; expected 1..{num_tokens}")
+    if not 1 <= steps <= m:
+        raise ValueError(f"steps: {steps} is not allowed for sampler {sampler!r}; expected 1..{m}"
+                         + ("" if m == num_tokens else f" (the {m} tokens to repaint)"))
+    counts = [(i + 1) * m // steps - i * m // steps for i in range(steps)]
+    masked_before = torch.tensor([m - i * m // steps for i in range(steps)], dtype=torch.float64)
     ts = timestep_for_mask_fraction(schedule, masked_before / num_tokens)  # (steps,)
     return Plan(timesteps=tuple(ts.tolist()), counts=tuple(counts), t_eval=(0,) * steps)
 
@@ -162,8 +168,11 @@ def request_params(model, given: dict) -> GenerationParams:
 
 
 @torch.no_grad()
-def start(model, prompts: list[str], params: list[GenerationParams]) -> list[RequestState]:
-    """Admit requests: resolve params, encode every text once (batched), cache cross-attention k/v."""
+def start(model, prompts: list[str], params: list[GenerationParams],
+          inits: list[Tensor | None] | None = None) -> list[RequestState]:
+    """Admit requests: resolve params, encode every text once (batched), cache cross-attention k/v.
+    ``inits``: each row's starting grid (N,) with MASK_ID where it is to be drawn (an edit,
+    model/sampling/edit.py), or None (all masked: a generation)."""
     c = model.config.transformer
     resolved = [
         p.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None,
@@ -185,11 +194,17 @@ def start(model, prompts: list[str], params: list[GenerationParams]) -> list[Req
     text = torch.stack([cond, uncond], dim=1).flatten(0, 1)  # (2B, L, D): [cond_0, uncond_0, cond_1, ...]
     kv = model.transformer.text_kv(text.to(next(model.transformer.parameters()).dtype))  # (layers, 2, 2B, H, L, Dh)
     empty = torch.full((c.num_tokens,), c.mask_id, dtype=torch.long, device=model.device)
-    return [
-        RequestState(params=p, plan=plan(p.sampler, p.steps, c.num_tokens, model.schedule), tokens=empty.clone(),
-                     text_kv=kv[:, :, 2 * i : 2 * i + 2])
-        for i, p in enumerate(resolved)
-    ]
+    inits = inits if inits is not None else [None] * len(resolved)
+    if len(inits) != len(resolved):
+        raise ValueError(f"{len(resolved)} prompts but {len(inits)} starting grids")
+    states = []
+    for i, (p, x) in enumerate(zip(resolved, inits)):
+        # an edit's masked count: one host read per edit, at admission
+        masked = None if x is None else int((x == c.mask_id).sum())
+        x = empty.clone() if x is None else x.to(model.device, torch.long).clone()  # (N,)
+        states.append(RequestState(params=p, plan=plan(p.sampler, p.steps, c.num_tokens, model.schedule, masked),
+                                   tokens=x, text_kv=kv[:, :, 2 * i : 2 * i + 2]))
+    return states
 
 
 @dataclass
@@ -203,10 +218,12 @@ class SampleResult:
 def sample(
     model, prompts: list[str], params: GenerationParams | list[GenerationParams] | None = None,
     on_step: Callable[[list[RequestState]], None] | None = None, decode: bool = True,
+    inits: list[Tensor | None] | None = None,
 ) -> SampleResult:
     """Generate one image per prompt. Requests may have different samplers and step counts; each
     step runs one forward over the requests still running. ``decode=False``: tokens only (a caller
-    that decodes them its own way, e.g. one grid at a time)."""
+    that decodes them its own way, e.g. one grid at a time). ``inits``: ``start``'s starting grids
+    (edits: ``edit.edit`` builds them)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if params is None:
@@ -215,9 +232,12 @@ def sample(
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} params")
-    states = start(model, prompts, params)
+    states = start(model, prompts, params, inits)
+    kv, kv_of = None, None  # the batch's text k/v, rebuilt only when a request finishes
     while running := [s for s in states if not s.done]:
-        advance(model.transformer, model.schedule, running)
+        if kv_of != len(running):  # requests only ever leave, so the count names the membership
+            kv, kv_of = batch_text_kv(running), len(running)
+        advance(model.transformer, model.schedule, running, text_kv=kv)
         if on_step is not None:
             on_step(states)
     tokens = torch.stack([s.tokens for s in states])  # (B, N)

@@ -192,6 +192,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``vqdiff eval``: these flags, and the generation flags of ``vqdiff generate``."""
     from vqdiff.model.sampling.generate import add_model_arguments
 
+    parser.add_argument("--task", choices=("generate", "edit", "variation"), default="generate",
+                        help="generate: prompts from scratch; edit: replace one object of two-object scenes "
+                             "(model/shapes/edit_eval.py); variation: the share of tokens a strength changes")
+    parser.add_argument("--edit-steps", default="4,16", help="--task edit: step counts (each capped at the "
+                                                              "repainted tokens)")
+    parser.add_argument("--strengths", default="0.1,0.5,1.0", help="--task variation: strengths")
     parser.add_argument("--kind", default="one", help="one | two | three objects per prompt (comma-separated for several)")
     parser.add_argument("--split", default="train", help="train | heldout (colour/shape pairs never trained on)")
     parser.add_argument("--n", type=int, default=100, help="prompts")
@@ -221,6 +227,8 @@ def run(args: argparse.Namespace) -> None:
         features = load_features(feature_dir)
     c = model.config.transformer
     params.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None, seed=0)
+    if args.task != "generate":
+        return run_edit_task(args, model, params)
     rows = []
     for kind in args.kind.split(","):
         with tqdm(total=args.n * args.samples, desc=f"eval {kind}", unit="img", disable=args.quiet) as bar:
@@ -230,3 +238,22 @@ def run(args: argparse.Namespace) -> None:
     if args.grid:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid(np.concatenate([r["images"] for r in rows]))).save(args.grid)
+
+
+def run_edit_task(args: argparse.Namespace, model, params) -> None:
+    """``--task edit`` / ``--task variation`` (model/shapes/edit_eval.py)."""
+    from PIL import Image
+
+    from vqdiff.model.shapes import edit_eval
+
+    if args.task == "edit":
+        steps = tuple(int(s) for s in args.edit_steps.split(","))
+        rows = edit_eval.evaluate_edits(model, args.n, args.seed, params, steps)
+        print(edit_eval.format_edit_report(rows, params, args.model))
+        if args.grid:
+            args.grid.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid(np.concatenate([r["images"][:16] for r in rows]), columns=16)).save(args.grid)
+    else:
+        rows = edit_eval.evaluate_variations(model, args.n, args.seed, params,
+                                             tuple(float(s) for s in args.strengths.split(",")))
+        print(edit_eval.format_variation_report(rows, params, args.model))

@@ -153,6 +153,36 @@ def test_stream_sends_previews_every_k_steps_then_the_result(tiny_model):
     assert [m.progress.step for m in default_k[:-1]] == [1, 2, 3] and default_k[-1].HasField("result")
 
 
+def test_an_edit_streams_only_its_region_unmasking_and_equals_the_library(tiny_model):
+    from vqdiff.model.sampling.edit import edit
+
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    alpha = np.full((16, 16, 1), 255, np.uint8)
+    alpha[:, 8:] = 0  # the right half is repainted
+    image, mask = png(rgb), png(np.concatenate([rgb, alpha], axis=-1))
+    with serving(tiny_model) as h:
+        msgs = list(h.stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, seed=3, steps=4, preview_every=1,
+                                                             image=image, mask=mask)))
+        e = rpc_error(h.stub.Generate, pb.GenerateRequest(prompt=PROMPT, image=image, mask=png(rgb)))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("mask: "), e.details()
+        e = rpc_error(h.stub.Generate, pb.GenerateRequest(prompt=PROMPT, strength=0.5))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("strength: "), e.details()
+    progress = [m.progress for m in msgs[:-1]]
+    assert [p.step for p in progress] == [1, 2, 3] and progress[0].unmasked > 0.5  # the left half never masked
+    images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    masks = torch.zeros(1, 16, 16, dtype=torch.bool)
+    masks[:, :, 8:] = True
+    params = replace(default_params(tiny_model), steps=4, seed=3)
+    tokens = edit(tiny_model, images, [PROMPT], params, masks=masks, decode=False).tokens
+    assert msgs[-1].result.images[0].png == decode_pngs(tiny_model, tokens, batch=1)[0]
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 

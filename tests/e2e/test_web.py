@@ -28,6 +28,7 @@ from tests.serving import free_port
 
 TIMEOUT_MS = 10_000
 SLOW = threading.Event()  # while set, every transformer forward takes 50 ms more: a run long enough to stop
+page_server_model: list = []  # the model the module's server runs (an edit is checked against the library)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def server(tokenizer, tiny_config):
         model.transformer.out.weight.mul_(40.0)
         model.null_cond.embeddings.normal_()
     model.transformer.register_forward_pre_hook(lambda *_: time.sleep(0.05) if SLOW.is_set() else None)
+    page_server_model[:] = [model]
     settings = Settings(host="127.0.0.1", http_port=free_port(), grpc_port=0, grace_s=1.0)
     loop = asyncio.new_event_loop()
     started, stop = asyncio.Event(), asyncio.Event()
@@ -172,3 +174,58 @@ def test_stop_aborts_the_stream_and_the_server_cancels(page, server):
         assert _cancelled(page, server) == before + 1, "the server did not cancel the aborted request"
     finally:
         SLOW.clear()
+
+
+def test_edit_paints_a_region_and_only_that_region_is_repainted(page, server, tmp_path, tiny_config):
+    """Pick a PNG, paint over its left columns, Edit: the request carries the image and a mask whose
+    transparent pixels are where the brush went; the stream starts with the rest already unmasked,
+    and the answer is the library's edit of exactly what the page sent."""
+    import numpy as np
+
+    from vqdiff.model.io.images import rgb_tensor, transparent_pixels
+
+    size = tiny_config.image_size
+    src = tmp_path / "source.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(src)
+    page.fill("#prompt", "a blue square")
+    page.fill("#steps", "4")
+    page.fill("#preview_every", "1")
+    page.fill("#seed", "12")
+    page.set_input_files("#edit_file", str(src))
+    expect(page.locator("#generate")).to_have_text("Edit")
+    expect(page.locator("#paint")).to_be_visible()
+    page.fill("#brush", "2")
+    box = page.locator("#paint").bounding_box()
+    cell = box["width"] / size
+    page.mouse.move(box["x"] + cell * 1, box["y"] + cell * 1)
+    page.mouse.down()
+    for row in range(1, size, 2):  # a zig-zag over columns 0..3
+        page.mouse.move(box["x"] + cell * 1, box["y"] + cell * row, steps=2)
+        page.mouse.move(box["x"] + cell * 3, box["y"] + cell * row, steps=2)
+    page.mouse.up()
+    with page.expect_request(lambda r: r.url.endswith("/v1/generate")) as request, \
+            page.expect_response(lambda r: r.url.endswith("/v1/generate")) as response:
+        page.click("#generate")
+    expect(page.locator("#preview.final")).to_be_visible()
+    expect(page.locator("#error")).to_be_empty()
+
+    sent = request.value.post_data_json
+    image = Image.open(io.BytesIO(base64.b64decode(sent["image"])))
+    mask = transparent_pixels(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))), "mask")  # (H, W)
+    assert image.size == (size, size) and mask.any() and not mask[:, 5:].any()  # only where the brush went
+    events = [b for b in response.value.body().decode().split("\n\n") if "event: progress" in b]
+    first = json.loads(events[0].split("data: ", 1)[1])
+    assert first["unmasked"] > 0.5  # the unpainted tokens were never masked
+
+    result = _sse_result(response.value.body())
+    model = page_server_model[0]
+    from vqdiff.model.io.images import decode_pngs
+    from vqdiff.model.sampling.edit import edit
+    from vqdiff.model.sampling.sampler import request_params
+
+    want = edit(model, rgb_tensor(image)[None], ["a blue square"], request_params(model, {"steps": 4, "seed": 12}),
+                masks=mask[None], decode=False)
+    assert base64.b64decode(result["images"][0]["b64_json"]) == decode_pngs(model, want.tokens, batch=1)[0]
+    page.click("#no_edit")
+    expect(page.locator("#generate")).to_have_text("Generate")
+    expect(page.locator("#paint")).to_be_hidden()

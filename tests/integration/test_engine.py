@@ -194,8 +194,8 @@ def corrupt_text_kv(monkeypatch, prompt: str, corrupt) -> None:
     """Admission gives requests with this prompt corrupted cached text keys/values."""
     real_start = engine_module.start
 
-    def start(m, prompts, params):
-        states = real_start(m, prompts, params)
+    def start(m, prompts, params, inits=None):
+        states = real_start(m, prompts, params, inits)
         for p, s in zip(prompts, states):
             if p == prompt:
                 s.text_kv = corrupt(s.text_kv)

@@ -174,13 +174,28 @@ def test_invalid_requests_are_422_and_nothing_is_enqueued(api, broker):
         for body, param in (({"prompt": "a cat", "n": 3}, "n"),  # the workers' max_images is 2
                             ({"prompt": "x" * 41}, "prompt"),  # their max_prompt_chars is 40
                             ({"prompt": "a cat", "steps": 17}, "steps"),  # more than num_tokens
-                            ({"prompt": "a cat", "sampler": "posterior", "steps": 4}, "steps")):
+                            ({"prompt": "a cat", "sampler": "posterior", "steps": 4}, "steps"),
+                            # an edit is checked against the published geometry: 32x32 images, 4x4 tokens
+                            ({"prompt": "a cat", "image": _png_b64(16), "strength": 0.5}, "image"),
+                            ({"prompt": "a cat", "image": _png_b64(32), "mask": _png_b64(32, clear=True)}, "mask")):
             r = c.post("/v1/generate", json=body)
             assert r.status_code == 422, r.text
             assert r.json()["error"]["param"] == param
     assert not broker.r.exists(key("jobs", MODEL))
     assert broker.depth(MODEL) == (0, 0)
-    assert 'vqdiff_requests_total{model_name="tiny",outcome="invalid"} 4.0' in httpx.get(f"{api.url}/metrics").text
+    assert 'vqdiff_requests_total{model_name="tiny",outcome="invalid"} 6.0' in httpx.get(f"{api.url}/metrics").text
+
+
+def _png_b64(size: int, clear: bool = False) -> str:
+    """A size x size RGBA PNG, base64: opaque, or (``clear``) all transparent, a full mask."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (size, size), (10, 20, 30, 0 if clear else 255)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def test_a_node_stays_ready_with_no_live_worker_and_queues_for_the_next(api, broker):

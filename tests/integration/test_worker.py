@@ -135,6 +135,48 @@ def test_jobs_come_back_as_the_images_a_single_process_draws(make_worker, broker
     assert worker.name not in broker.workers()  # the lease ends with the worker
 
 
+def test_edit_jobs_carry_their_pngs_and_come_back_as_the_single_process_draws(make_worker, broker, model):
+    """An inpainting and a variation travel through Redis (their PNGs in the job, base64) and come
+    back byte-equal to a single-process engine's; a job round-trips through its stream fields."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vqdiff.server.request import EditInput
+
+    def png(a) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    size = model.config.image_size
+    image = png(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    alpha = np.full((size, size, 4), 255, np.uint8)
+    alpha[: size // 2, :, 3] = 0
+    edits = [EditInput(image=image, mask=png(alpha)), EditInput(image=image, strength=0.4)]
+    jobs = [Job(id=f"gen-edit{i}", model="tiny", prompt="a red circle", params=GenerationParams(steps=3, seed=70 + i,
+                uncond="null"), n=2, deadline=time.time() + 120, edit=e) for i, e in enumerate(edits)]
+    assert Job.from_fields(jobs[0].to_fields()) == jobs[0] and Job.from_fields(jobs[1].to_fields()) == jobs[1]
+    make_worker()
+    for j in jobs:
+        broker.enqueue(j)
+    want = {}
+    engine = Engine(model, Settings(max_rows=MAX_ROWS)).start()
+    try:
+        got: dict[str, list] = {j.id: [] for j in jobs}
+        for j in jobs:
+            engine.submit(Request(prompt=j.prompt, params=j.params, n=j.n, emit=got[j.id].append, id=j.id, edit=j.edit))
+        assert engine.wait_idle(60)
+        want = {k: evs[-1].images for k, evs in got.items()}
+    finally:
+        engine.shutdown(0)
+    for j in jobs:
+        evs = answers(broker, j.id)
+        assert isinstance(evs[-1], Result), evs[-1]
+        assert evs[-1].images == want[j.id] and len(set(want[j.id])) == 2  # two seeds, two images
+
+
 def test_a_bad_job_is_answered_with_a_failure_and_acknowledged(make_worker, broker):
     make_worker()
     bad = Job(id="gen-bad", model="tiny", prompt="a circle", params=GenerationParams(steps=3, seed=1, uncond="null"),

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # a valid value, not the default, for every setting, as typed on a command line
 SAMPLE = {
     "model": "/m", "host": "127.0.0.1", "http_port": "8001", "grpc_port": "0", "device": "cuda:1",
-    "dtype": "bf16", "max_rows": "16", "max_waiting": "3", "max_images": "2", "max_prompt_chars": "10",
+    "dtype": "bf16", "max_rows": "16", "max_waiting": "3", "max_images": "2", "max_prompt_chars": "10", "max_upload_bytes": "2048",
     "request_timeout_s": "2.5", "preview_every": "4", "heartbeat_s": "0.5", "grace_s": "0",
     "decode_workers": "3", "decode_batch": "4", "intra_op_threads": "1", "omp_wait_policy": "active", "compile": "default", "warmup": "false",
     "api_keys": "a, b,", "role": "worker", "redis_url": "redis://127.0.0.1:6380/1", "worker_name": "w1",

@@ -34,7 +34,7 @@ UNCOND_EMPTY: Uncond
 UNCOND_NEGATIVE: Uncond
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance_scale", "truncation_rate", "sampler", "purity_weight", "uncond", "preview_every", "model")
+    __slots__ = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance_scale", "truncation_rate", "sampler", "purity_weight", "uncond", "preview_every", "model", "image", "mask", "strength")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,9 @@ class GenerateRequest(_message.Message):
     UNCOND_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     n: int
@@ -59,7 +62,10 @@ class GenerateRequest(_message.Message):
     uncond: Uncond
     preview_every: int
     model: str
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., truncation_rate: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., purity_weight: _Optional[float] = ..., uncond: _Optional[_Union[Uncond, str]] = ..., preview_every: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    image: bytes
+    mask: bytes
+    strength: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., truncation_rate: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., purity_weight: _Optional[float] = ..., uncond: _Optional[_Union[Uncond, str]] = ..., preview_every: _Optional[int] = ..., model: _Optional[str] = ..., image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("png", "seed")
