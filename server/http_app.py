@@ -259,21 +259,40 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             if "strength" in texts:
                 raise invalid("strength: is for /v1/images/variations; an edit repaints its mask's region", "strength")
             edit = EditInput(image=files["image"], mask=files.get("mask", files["image"]))  # none: the image's alpha
-        params = served.defaults if seed is None else request_params(served.model, {"seed": seed})
+        try:
+            params = served.defaults if seed is None else request_params(served.model, {"seed": seed})
+        except ValueError as e:
+            raise invalid(str(e)) from None
         req = Request(prompt=prompt, params=params, n=integer(texts, "n", 1), model=served.name, edit=edit)
         return await openai_run(http, req)
 
-    multipart = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}}
+    def form(required: list[str], **extra) -> dict:
+        """The OpenAPI request body of a multipart Images API form (what /docs shows)."""
+        png = {"type": "string", "format": "binary"}
+        props = {"image": {**png, "description": "PNG at the model's image size"},
+                 "n": {"type": "integer", "default": 1}, "size": {"type": "string", "description": "WxH: the model's"},
+                 "response_format": {"type": "string", "enum": ["b64_json"]}, "model": {"type": "string"},
+                 "seed": {"type": "integer", "description": "0..2^63-1; image i uses seed + i"}, **extra}
+        schema = {"type": "object", "required": required, "properties": props}
+        return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+    edit_form = form(["image", "prompt"], prompt={"type": "string", "description": "what to draw in the region"},
+                     mask={"type": "string", "format": "binary",
+                           "description": "PNG of the image's size; transparent pixels (alpha 0) are repainted. "
+                                          "Omitted: the image's own transparency"})
+    variation_form = form(["image"], prompt={"type": "string", "default": ""},
+                          strength={"type": "number", "default": VARIATION_STRENGTH,
+                                    "description": "share of tokens repainted, in (0, 1]"})
 
     @app.post("/v1/images/edits", response_model=OpenAIImagesResponse, responses=ERRORS,
-              dependencies=[Depends(authorize)], openapi_extra=multipart)
+              dependencies=[Depends(authorize)], openapi_extra=edit_form)
     async def openai_edits(http: HttpRequest):
         """Repaint the region of ``image`` that ``mask`` (or, without one, the image itself) leaves
         transparent, drawing ``prompt`` there; every other token of the image is kept."""
         return await openai_edit(http, variation=False)
 
     @app.post("/v1/images/variations", response_model=OpenAIImagesResponse, responses=ERRORS,
-              dependencies=[Depends(authorize)], openapi_extra=multipart)
+              dependencies=[Depends(authorize)], openapi_extra=variation_form)
     async def openai_variations(http: HttpRequest):
         """Images like ``image``: a ``strength`` share of its tokens (default 0.5) repainted, chosen by
         each image's seed; ``prompt`` (default empty) conditions the repainted tokens."""

@@ -153,6 +153,8 @@ def _post_edit(server, files: dict, data: dict | None = None) -> httpx.Response:
     ("image without mask or strength", "mask", "required"),
     ("strength out of range", "strength", "(0, 1]"),
     ("image not base64", "image", "base64"),
+    ("form seed out of range", "seed", "not allowed"),
+    ("form n not a number", "n", "not an integer"),
 ])
 def test_bad_edits_are_a_422_naming_the_field(server, case, param, words):
     opaque = png(np.full((SIZE, SIZE, 4), 255, np.uint8))
@@ -175,11 +177,14 @@ def test_bad_edits_are_a_422_naming_the_field(server, case, param, words):
         "mask without alpha": {"image": source(), "mask": source(7)},
         "image not a png": {"image": jpeg.getvalue(), "mask": mask_png()},
         "huge upload": {"image": b"\x89PNG" + bytes(20000), "mask": mask_png()},
+        "form seed out of range": {"image": source(), "mask": mask_png()},
+        "form n not a number": {"image": source(), "mask": mask_png()},
     }
+    fields = {"form seed out of range": {"seed": "-1"}, "form n not a number": {"n": "two"}}.get(case)
     if case in json_cases:
         r = httpx.post(f"{server.url}/v1/generate", json={"prompt": "x", **json_cases[case]}, timeout=30)
     else:
-        r = _post_edit(server, form_cases[case])
+        r = _post_edit(server, form_cases[case], fields)
     assert r.status_code == 422, (case, r.text)
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], (case, error)

@@ -120,3 +120,34 @@ def test_a_variation_keeps_the_tokens_it_does_not_choose(model):
     assert torch.equal(out.tokens[0, kept], model.vqvae.tokenize(images)[0, kept])
     with pytest.raises(ValueError, match="not both"):
         edit(model, images, ["x"], params, masks=_left_half(model)[None], strength=0.5)
+
+
+def test_cli_edit_writes_the_library_edit(model, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tests.serving import cli
+    from vqdiff.model.io.folder import save_model
+    from vqdiff.model.io.images import decode_pngs
+
+    folder = save_model(model, tmp_path / "m")
+    s = model.config.image_size
+    rgb = np.random.default_rng(3).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    alpha = np.full((s, s, 1), 255, np.uint8)
+    alpha[: s // 2] = 0  # the top half is repainted
+    Image.fromarray(rgb).save(tmp_path / "in.png")
+    Image.fromarray(np.concatenate([rgb, alpha], -1)).save(tmp_path / "mask.png")
+    code, err = cli(capsys, "edit", str(tmp_path / "in.png"), "a red circle", "--mask", str(tmp_path / "mask.png"),
+                    "--model", str(folder), "-o", str(tmp_path / "out.png"), "--steps", "5", "--seed", "2", "--quiet")
+    assert code == 0, err
+    masks = torch.zeros(1, s, s, dtype=torch.bool)
+    masks[:, : s // 2] = True
+    images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    want = edit(model, images, ["a red circle"], request_params(model, {"steps": 5, "seed": 2}), masks=masks,
+                decode=False)
+    assert (tmp_path / "out.png").read_bytes() == decode_pngs(model, want.tokens)[0]
+    code, err = cli(capsys, "edit", str(tmp_path / "in.png"), "x", "--model", str(folder), "--quiet",
+                    "-o", str(tmp_path / "o.png"))  # no mask, and the image has no transparency
+    assert code == 2 and "mask: has no alpha channel" in err
+    code, err = cli(capsys, "edit", str(tmp_path / "in.png"), "--strength", "2", "--model", str(folder), "--quiet")
+    assert code == 2 and "strength" in err
