@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vqdiff.model.io.images import check_size, read_png, rgb_tensor, transparent_pixels
+from vqdiff.model.io.images import check_size, load_png, open_png, rgb_tensor, transparent_pixels
 from vqdiff.model.sampling.edit import check_mask, masked_grid, token_mask, variation_count, variation_mask
 from vqdiff.model.sampling.params import image_seed
 
@@ -52,14 +52,15 @@ def read(e: EditInput, config, max_bytes: int) -> Read:
         if data is not None and len(data) > max_bytes:
             raise ValueError(f"{name}: {len(data)} bytes is too large; at most {max_bytes}")
     size, c = int(config.image_size), config.transformer
-    im = read_png(e.image, "image")
-    check_size(im, size, "image")
-    image = rgb_tensor(im)  # (3, H, W)
+    im = open_png(e.image, "image")
+    check_size(im, size, "image")  # from the header: nothing is decompressed for a wrong size
+    image = rgb_tensor(load_png(im, "image"))  # (3, H, W)
     if e.strength is not None:
         return Read(image, None, variation_count(e.strength, c.num_tokens))
-    mask_im = im if e.mask is e.image else read_png(e.mask, "mask")
+    mask_im = im if e.mask is e.image else open_png(e.mask, "mask")
     if (mask_im.width, mask_im.height) != (im.width, im.height):
         raise ValueError(f"mask: {mask_im.width}x{mask_im.height} is not the image's size, {im.width}x{im.height}")
+    load_png(mask_im, "mask")
     edit = token_mask(transparent_pixels(mask_im, "mask"), c.height, c.width)  # (N,)
     return Read(image, edit, check_mask(edit))
 

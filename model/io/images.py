@@ -54,9 +54,10 @@ def preview_tokens(tokens: Tensor, log_p: Tensor, mask_id: int) -> Tensor:
 MAX_PIXELS = 4096 * 4096  # an upload declaring more is refused before its pixels are decompressed
 
 
-def read_png(data: bytes, field: str) -> Image.Image:
-    """PNG bytes -> a decoded PIL image; anything else (another format, a truncated or corrupt file,
-    more than ``MAX_PIXELS``) raises ValueError naming ``field``."""
+def open_png(data: bytes, field: str) -> Image.Image:
+    """PNG bytes -> a PIL image whose header is read and whose pixels are not yet decompressed
+    (``load_png``): check its size first. Another format, or more than ``MAX_PIXELS``, raises
+    ValueError naming ``field``."""
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise ValueError(f"{field}: empty; expected a PNG file")
     try:
@@ -65,6 +66,11 @@ def read_png(data: bytes, field: str) -> Image.Image:
         raise ValueError(f"{field}: not a PNG file") from None
     if im.width * im.height > MAX_PIXELS:
         raise ValueError(f"{field}: {im.width}x{im.height} pixels is too large")
+    return im
+
+
+def load_png(im: Image.Image, field: str) -> Image.Image:
+    """Decompress an ``open_png`` image's pixels; a truncated or corrupt file raises ValueError."""
     try:
         im.load()
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
