@@ -113,11 +113,13 @@ def edit(model, images: Tensor, prompts: list[str], params: GenerationParams | l
     # the seeds first: a variation's tokens are chosen by the seed
     params = [p.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None,
                         seed=rng.random_seed()) for p in params]
-    if masks is not None:
+    if masks is not None:  # an empty or a full mask is refused
         edits = [token_mask(m, c.height, c.width) for m in masks.cpu()]
-    else:
+        repainted = [check_mask(e) for e in edits]
+    else:  # strength 1 repaints every token: a generation that keeps nothing, allowed
         edits = [variation_mask(p.seed, strength, c.num_tokens) for p in params]
-    params = [edit_params(p, check_mask(e)) for p, e in zip(params, edits)]
+        repainted = [variation_count(strength, c.num_tokens)] * len(edits)
+    params = [edit_params(p, m) for p, m in zip(params, repainted)]
     return sample(model, prompts, params, decode=decode, inits=start_grids(model, images, edits))
 
 

@@ -114,7 +114,7 @@ def evaluate_edits(model, n: int = 100, seed: int = 0, params=None, steps: tuple
         images = np.concatenate(images)  # (n, H, W, 3)
         parsed = [grade.parse(im) for im in images]
         row = {"task": "edit" if s else "generate", "steps": s or base.steps, "mean_steps": float(np.mean(used)),
-               "images": images, "n": n,
+               "images": images, "sources": np.stack([j[0] for j in jobs]), "n": n,
                "fidelity": float(np.mean([p.clean and grade.satisfies(p, j[5]) for p, j in zip(parsed, jobs)])),
                "new": float(np.mean([_matches(p, j[2], 2.0, ("shape", "colour")) for p, j in zip(parsed, jobs)])),
                "kept": float(np.mean([_matches(p, j[3], 1.5) for p, j in zip(parsed, jobs)]))}

@@ -252,7 +252,8 @@ def run_edit_task(args: argparse.Namespace, model, params) -> None:
         print(edit_eval.format_edit_report(rows, params, args.model))
         if args.grid:
             args.grid.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid(np.concatenate([r["images"][:16] for r in rows]), columns=16)).save(args.grid)
+            first = [rows[0]["sources"][:16]] + [r["images"][:16] for r in rows]  # the sources, then each row
+            Image.fromarray(grid(np.concatenate(first), columns=16)).save(args.grid)
     else:
         rows = edit_eval.evaluate_variations(model, args.n, args.seed, params,
                                              tuple(float(s) for s in args.strengths.split(",")))

@@ -120,6 +120,8 @@ def test_a_variation_keeps_the_tokens_it_does_not_choose(model):
     assert torch.equal(out.tokens[0, kept], model.vqvae.tokenize(images)[0, kept])
     with pytest.raises(ValueError, match="not both"):
         edit(model, images, ["x"], params, masks=_left_half(model)[None], strength=0.5)
+    full = edit(model, images, ["x"], params, strength=1.0, decode=False)  # every token redrawn: allowed
+    assert (full.tokens != model.config.transformer.mask_id).all()
 
 
 def test_cli_edit_writes_the_library_edit(model, tmp_path, capsys):
