@@ -86,26 +86,23 @@ def _too_large(size: int | None, limit: int) -> ApiError:
                    f"max_upload_bytes each, and the form's fields); got {told}", "image")
 
 
-def integer(texts: dict[str, str], name: str, default: int | None = None) -> int | None:
-    """An integer form field (absent: ``default``)."""
+def _converted(texts: dict[str, str], name: str, default, convert, what: str):
+    """A form field converted (absent or empty: ``default``); a text ``convert`` refuses is a 422."""
     value = texts.get(name)
     if value is None or value == "":
         return default
     try:
-        return int(value)
+        return convert(value)
     except ValueError:
-        raise invalid(f"{name}: {value!r} is not an integer", name) from None
+        raise invalid(f"{name}: {value!r} is not {what}", name) from None
+
+
+def integer(texts: dict[str, str], name: str, default: int | None = None) -> int | None:
+    return _converted(texts, name, default, int, "an integer")
 
 
 def number(texts: dict[str, str], name: str, default: float | None = None) -> float | None:
-    """A number form field (absent: ``default``)."""
-    value = texts.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise invalid(f"{name}: {value!r} is not a number", name) from None
+    return _converted(texts, name, default, float, "a number")
 
 
 __all__ = ["read_form", "integer", "number", "ApiError"]

@@ -9,6 +9,9 @@ with the exact parser (model/shapes/grade.py):
 - ``fidelity``: the edited image parses cleanly and shows both stated objects;
 - ``new``: an object of the new shape and colour is centred within 2 px of the replaced one;
 - ``kept``: the kept object parses back unchanged (shape, colour, size, centre within 1.5 px);
+- ``new_misses``: why ``new`` fails: ``nothing`` (no object centred within 3 px), ``place`` (the
+  right one further than 2 px off), ``shape``, ``colour`` or ``shape+colour`` (the nearest object
+  is another);
 - ``border``: mean |edited - reconstruction| of the pixels (0-255) by the Chebyshev distance, in
   tokens, of their token from the repainted ones (the reconstruction decodes the source's own tokens;
   frozen tokens are identical, so any change there is the decoder's receptive field).
@@ -65,6 +68,19 @@ def _matches(parsed: grade.Parsed, obj: Obj, tol: float, attrs=("shape", "colour
                and abs(p.cy - obj.cy) <= tol for p in parsed.objects)
 
 
+def new_miss(parsed: grade.Parsed, new: Obj) -> str | None:
+    """Why the new object is not drawn in its place (``new_misses`` in the module docstring); None
+    when it is."""
+    if _matches(parsed, new, 2.0, ("shape", "colour")):
+        return None
+    near = [o for o in parsed.objects if abs(o.cx - new.cx) <= 3 and abs(o.cy - new.cy) <= 3]
+    if not near:
+        return "nothing"
+    o = min(near, key=lambda o: abs(o.cx - new.cx) + abs(o.cy - new.cy))
+    wrong = [a for a in ("shape", "colour") if getattr(o, a) != getattr(new, a)]
+    return "+".join(wrong) or "place"
+
+
 def token_distance(edit: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(N,) bool repainted -> (height, width) long: each token's Chebyshev distance to the nearest
     repainted one (0 for those)."""
@@ -118,6 +134,8 @@ def evaluate_edits(model, n: int = 100, seed: int = 0, params=None, steps: tuple
                "fidelity": float(np.mean([p.clean and grade.satisfies(p, j[5]) for p, j in zip(parsed, jobs)])),
                "new": float(np.mean([_matches(p, j[2], 2.0, ("shape", "colour")) for p, j in zip(parsed, jobs)])),
                "kept": float(np.mean([_matches(p, j[3], 1.5) for p, j in zip(parsed, jobs)]))}
+        misses = [new_miss(p, j[2]) for p, j in zip(parsed, jobs)]
+        row["new_misses"] = {k: misses.count(k) for k in sorted(set(misses) - {None})}
         if s is not None:
             diff = np.abs(images.astype(np.int16) - recon.astype(np.int16)).mean(-1)  # (n, H, W)
             dist = np.stack(distance)  # (n, H, W)
@@ -167,6 +185,10 @@ def format_edit_report(rows: list[dict], params, model) -> str:
             f"{r['border'][d]:.1f} ({r['border_max'][d]})" for d in sorted(r["border"]))
         lines.append(f"{r['task']:9s} {r['steps']:5d} {r['mean_steps']:5.1f} {r['n']:7d} {r['fidelity']:8.3f} "
                      f"{r['new']:6.3f} {r['kept']:6.3f}{border}")
+    for r in rows:
+        if r["task"] == "edit":
+            why = ", ".join(f"{k} {v}" for k, v in sorted(r["new_misses"].items(), key=lambda kv: -kv[1])) or "none"
+            lines.append(f"new object missed ({r['steps']} steps): {why}")
     return "\n".join(lines)
 
 

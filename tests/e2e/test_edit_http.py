@@ -15,23 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vqdiff.model.io.folder import random_model
 from vqdiff.model.io.images import decode_pngs, rgb_tensor
 from vqdiff.model.sampling.edit import edit, token_mask
 from vqdiff.model.sampling.sampler import request_params
+from tests.e2e.test_http import alone, model  # noqa: F401 - the same tiny model fixture
 from tests.serving import ServerThread
 
 SIZE = 16  # the tiny model's images: 8x8 tokens of 2x2 pixels
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer, tiny_config):
-    m = random_model(tiny_config, tokenizer, seed=3).eval()
-    with torch.no_grad():
-        m.transformer.out.weight.mul_(40.0)
-        m.null_cond.embeddings.normal_()
-    m.generation_defaults = {"steps": 6, "guidance_scale": 2.0}
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +201,6 @@ def test_a_form_that_sends_the_image_twice_or_as_text_is_refused(server):
 def test_edits_and_generations_served_together_each_equal_alone(server, model):
     """Mixed batches: edits, variations and generations sent at once step in the same forwards; each
     answer equals its request run alone."""
-    from tests.e2e.test_http import alone
-
     jobs = [{"prompt": "a red circle", "image": b64(source(i)), "mask": b64(mask_png()), "seed": 20 + i} for i in range(3)]
     jobs += [{"prompt": "a blue square", "image": b64(source(5)), "strength": 0.3, "seed": 30}]
     jobs += [{"prompt": f"plain {i}", "seed": 40 + i} for i in range(3)]
