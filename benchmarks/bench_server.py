@@ -86,6 +86,13 @@ async def run(url: str, bodies: list[dict], clients: int) -> dict:
             "ttfp_p95_s": pct(ttfp, 0.95)}
 
 
+def scrape(exposition: str, name: str) -> float:
+    """The largest sample of ``name`` in a Prometheus text exposition (0 when absent)."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+              if line.startswith(name + "{") or line.startswith(name + " ")]
+    return max(values, default=0.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
@@ -130,6 +137,7 @@ def main() -> None:
         asyncio.run(run(url, bodies[:2], 1))  # warm-up
         seq = asyncio.run(run(url, bodies[: args.sequential], 1))
         conc = asyncio.run(run(url, bodies, args.clients))
+        peak = scrape(httpx.get(f"{url}/metrics").text, "vqdiff_device_memory_peak_bytes")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -153,6 +161,8 @@ def main() -> None:
         print(f"| {name} | {r['requests']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
               f"{r['ttfp_p50_s']:.2f} | {r['ttfp_p95_s']:.2f} |")
     print(f"throughput ratio (concurrent / one at a time): {conc['images_per_s'] / seq['images_per_s']:.2f}x")
+    print(f"peak device memory (vqdiff_device_memory_peak_bytes): {peak / 1e9:.2f} GB with {args.clients} "
+          f"concurrent clients of 1 image each")
     if args.peak_tflops:
         from flops import image_flops
         from vqdiff.model.io.default import default_model_dir
@@ -166,7 +176,8 @@ def main() -> None:
                   f"({per_image / 1e12:.3g} TFLOP per image; the limit {args.peak_tflops * 1e12 / per_image:.3g} images/s)")
     if args.json:
         args.json.write_text(json.dumps({"info": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "one_at_a_time": seq, "concurrent": conc}, indent=1))
+                                         "one_at_a_time": seq, "concurrent": conc, "peak_memory_bytes": peak},
+                                        indent=1))
 
 
 if __name__ == "__main__":

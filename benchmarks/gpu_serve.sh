@@ -6,7 +6,8 @@
 #   2. the GPU tests (`-m gpu`: the kernels at ITHQ shapes, the compiled forward on CUDA);
 #   3. benchmarks/bench_server.py on CUDA, bf16, 100 posterior forwards with guidance: eager, then
 #      `--compile reduce-overhead` (CUDA graphs over row buckets), 16 and 32 concurrent clients, with
-#      MFU against the bf16 dense peak (PEAK_TFLOPS, default 989);
+#      MFU against the bf16 dense peak (PEAK_TFLOPS, default 989) and the server's peak GPU memory
+#      (vqdiff_device_memory_peak_bytes; the target: ITHQ at 16 concurrent images under 8 GB);
 #   4. benchmarks/bench_diffusers.py --device cuda --dtype bf16 --quick on the same folder (ours against
 #      diffusers' VQDiffusionPipeline, same weights, same run; about 5 minutes at ITHQ size).
 # Raw outputs go to $OUT (default docs/results/gpu/): env.txt and one .txt (+ .json) per step.

@@ -51,6 +51,9 @@ class Metrics:
         self.retries = Counter("vqdiff_batch_retries", "Steps re-run as smaller batches after an error", m, registry=r)
         self.memory = Gauge("vqdiff_device_memory_bytes", "Memory in use on the model's device (CUDA: allocated by "
                             "torch; CPU: the process's resident set now)", m + ("device",), registry=r)
+        self.memory_peak = Gauge("vqdiff_device_memory_peak_bytes", "The most memory in use on the model's device "
+                                 "since the process started (CUDA: allocated by torch; CPU: the peak resident set)",
+                                 m + ("device",), registry=r)
         self._model_name = model_name
         self.add_model(model_name)
 
@@ -75,10 +78,11 @@ class Metrics:
 
         dev = str(self.device)
         if dev.startswith("cuda") and torch.cuda.is_available():
-            used = torch.cuda.memory_allocated(self.device)
+            used, peak = torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
         else:
-            used = resident_bytes()
+            used, peak = resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         self.memory.labels(self.model_name, dev).set(used)
+        self.memory_peak.labels(self.model_name, dev).set(max(peak, used))
 
     def exposition(self) -> bytes:
         self.sample_memory()

@@ -406,6 +406,11 @@ def test_gauges_read_zero_on_an_idle_server_after_traffic(server):
     with open("/proc/self/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     assert abs(metric(server.url, "vqdiff_device_memory_bytes") - rss) < 0.1 * rss
+    # and the peak gauge is the process's peak resident set: at least what is resident now
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert rss * 0.9 <= metric(server.url, "vqdiff_device_memory_peak_bytes") <= peak * 1.1
 
 
 def test_streamed_refusals_queue_full_draining_and_unauthenticated(model, slow_steps):
