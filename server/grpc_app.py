@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vqdiff.model.sampling.params import SAMPLERS, UNCONDS, GenerationParams
+from vqdiff.model.sampling.params import SAMPLERS, UNCONDS, UNMASK_SCHEDULES, GenerationParams
 from vqdiff.model.sampling.sampler import request_params
 from vqdiff.server.aio import ApiEventStream
 from vqdiff.model.sampling.params import image_seed
@@ -37,7 +37,7 @@ from vqdiff.server.settings import Settings
 log = logging.getLogger("vqdiff.grpc")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageGeneration"].full_name  # "vqdiff.v1.ImageGeneration"
-ENUM_PARAMS = ("sampler", "uncond")  # proto enums, translated by name; UNSPECIFIED keeps the default
+ENUM_PARAMS = ("sampler", "uncond", "unmask_schedule")  # proto enums, translated by name; UNSPECIFIED keeps the default
 # optional proto fields that map 1:1 onto GenerationParams fields of the same name
 SCALAR_PARAMS = tuple(name for name in PARAM_NAMES if name not in ENUM_PARAMS)
 
@@ -53,6 +53,8 @@ def _enum_names(enum, prefix: str, allowed: tuple[str, ...]) -> dict[int, str]:
 
 SAMPLER_NAMES = _enum_names(pb.Sampler, "SAMPLER_", SAMPLERS)
 UNCOND_NAMES = _enum_names(pb.Uncond, "UNCOND_", UNCONDS)
+SCHEDULE_NAMES = _enum_names(pb.UnmaskSchedule, "UNMASK_SCHEDULE_", UNMASK_SCHEDULES)
+SCHEDULE_VALUES = {s: v for v, s in SCHEDULE_NAMES.items()}
 SAMPLER_VALUES = {s: v for v, s in SAMPLER_NAMES.items()}
 UNCOND_VALUES = {s: v for v, s in UNCOND_NAMES.items()}
 
@@ -64,7 +66,8 @@ def to_params(msg: pb.GenerateRequest, model) -> GenerationParams:
     """The request's parameters over the model's defaults for the sampler it names; unset fields (and
     UNSPECIFIED enums) keep the default. Raises ``ApiError`` (INVALID_ARGUMENT) naming the field."""
     given = {name: getattr(msg, name) for name in SCALAR_PARAMS if msg.HasField(name)}
-    for name, enum, names in (("sampler", pb.Sampler, SAMPLER_NAMES), ("uncond", pb.Uncond, UNCOND_NAMES)):
+    for name, enum, names in (("sampler", pb.Sampler, SAMPLER_NAMES), ("uncond", pb.Uncond, UNCOND_NAMES),
+                              ("unmask_schedule", pb.UnmaskSchedule, SCHEDULE_NAMES)):
         value = getattr(msg, name)  # an int; proto3 enums are open, so unknown numbers arrive too
         if value == 0:
             continue
@@ -102,7 +105,7 @@ def params_pb(p: GenerationParams) -> pb.GenerationParams:
     return pb.GenerationParams(
         guidance_scale=p.guidance_scale, uncond=UNCOND_VALUES[p.uncond], negative_prompt=p.negative_prompt,
         truncation_rate=p.truncation_rate, sampler=SAMPLER_VALUES[p.sampler], steps=p.steps,
-        purity_weight=p.purity_weight, seed=p.seed)
+        purity_weight=p.purity_weight, seed=p.seed, unmask_schedule=SCHEDULE_VALUES[p.unmask_schedule])
 
 
 def response_pb(req_id: str, r: Result) -> pb.GenerateResponse:

@@ -4,8 +4,6 @@ and serialise; every error leaves as ``{"error": {message, type, param, code}}``
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import time
 from pathlib import Path
@@ -23,16 +21,14 @@ from vqdiff.server.api import preview_interval, require_key, resolve_model
 from vqdiff.server.docs import add_docs
 from vqdiff.server.engine import Engine
 from vqdiff.server.errors import ApiError, bad_body, from_failure, invalid, unavailable
-from vqdiff.model.io.edit_input import EditInput
 from vqdiff.server.request import Failure, Progress, Request, Result
 from vqdiff.server.schemas import (
     ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, b64,
 )
 from vqdiff.server.settings import Settings
-from vqdiff.server.uploads import integer, number, read_form
+from vqdiff.server.uploads import EDIT_FORM, VARIATION_FORM, edit_request, read_form
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
-VARIATION_STRENGTH = 0.5  # /v1/images/variations without a strength: half the tokens repainted
 POLL_S = 0.1  # how often a waiting plain request checks whether its client is still there
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 422, 429, 500, 503, 504)}
 ROUTING = {404: ("not_found", "not_found"), 405: ("method_not_allowed", "method_not_allowed")}  # (type, code)
@@ -122,28 +118,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             raise invalid(f"preview_every: {body.preview_every} is not allowed; expected an integer >= 0")
         preview = preview_interval(body.preview_every, settings, params.steps) if body.stream else 0
         return Request(prompt=body.prompt, params=params, n=body.n, preview_every=preview, resumable=body.stream,
-                       model=served.name, edit=edit_of(body))
-
-    def edit_of(body: GenerateRequest) -> EditInput | None:
-        """The body's image / mask / strength (base64 PNGs) as an edit; the engine checks the rest."""
-        if body.image is None:
-            for name in ("mask", "strength"):
-                if getattr(body, name) is not None:
-                    raise invalid(f"{name}: given without an image to edit", name)
-            return None
-        pngs = {name: unbase64(getattr(body, name), name) for name in ("image", "mask")}
-        return EditInput(image=pngs["image"], mask=pngs["mask"], strength=body.strength)
-
-    def unbase64(text: str | None, name: str) -> bytes | None:
-        if text is None:
-            return None
-        if len(text) > 4 * (settings.max_upload_bytes // 3 + 1):  # before decoding it
-            raise invalid(f"{name}: {len(text)} base64 characters is too large; at most {settings.max_upload_bytes} "
-                          "bytes of PNG", name)
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise invalid(f"{name}: not valid base64", name) from None
+                       model=served.name, edit=body.edit_input(settings.max_upload_bytes))
 
     async def run(http: HttpRequest, req: Request) -> Result:
         """Submit and wait for the result; a client that disconnects cancels the request."""
@@ -239,60 +214,21 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return await openai_run(http, req)
 
     async def openai_edit(http: HttpRequest, variation: bool):
-        """images.edit / images.create_variation: a multipart form (server/uploads.py). Beside the
-        OpenAI fields, ``seed`` (both) and ``strength`` / ``prompt`` (variations) are read; other
-        fields are ignored, as on /v1/images/generations."""
+        """images.edit / images.create_variation: a multipart form, read and translated by server/uploads.py."""
         texts, files = await read_form(http, settings.max_upload_bytes)
         served = resolve_model(engine, texts.get("model") or None)
         openai_checks(served, texts.get("size"), texts.get("response_format"))
-        if "image" not in files:
-            raise invalid("image: required: the PNG file to edit", "image")
-        prompt = texts.get("prompt", "" if variation else None)
-        if prompt is None:
-            raise invalid("prompt: required: what to draw in the masked region", "prompt")
-        seed = integer(texts, "seed")
-        if variation:
-            if "mask" in files:
-                raise invalid("mask: a variation takes no mask; use /v1/images/edits to repaint a region", "mask")
-            edit = EditInput(image=files["image"], strength=number(texts, "strength", VARIATION_STRENGTH))
-        else:
-            if "strength" in texts:
-                raise invalid("strength: is for /v1/images/variations; an edit repaints its mask's region", "strength")
-            edit = EditInput(image=files["image"], mask=files.get("mask", files["image"]))  # none: the image's alpha
-        try:
-            params = served.defaults if seed is None else request_params(served.model, {"seed": seed})
-        except ValueError as e:
-            raise invalid(str(e)) from None
-        req = Request(prompt=prompt, params=params, n=integer(texts, "n", 1), model=served.name, edit=edit)
-        return await openai_run(http, req)
-
-    def form(required: list[str], **extra) -> dict:
-        """The OpenAPI request body of a multipart Images API form (what /docs shows)."""
-        png = {"type": "string", "format": "binary"}
-        props = {"image": {**png, "description": "PNG at the model's image size"},
-                 "n": {"type": "integer", "default": 1}, "size": {"type": "string", "description": "WxH: the model's"},
-                 "response_format": {"type": "string", "enum": ["b64_json"]}, "model": {"type": "string"},
-                 "seed": {"type": "integer", "description": "0..2^63-1; image i uses seed + i"}, **extra}
-        schema = {"type": "object", "required": required, "properties": props}
-        return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
-
-    edit_form = form(["image", "prompt"], prompt={"type": "string", "description": "what to draw in the region"},
-                     mask={"type": "string", "format": "binary",
-                           "description": "PNG of the image's size; transparent pixels (alpha 0) are repainted. "
-                                          "Omitted: the image's own transparency"})
-    variation_form = form(["image"], prompt={"type": "string", "default": ""},
-                          strength={"type": "number", "default": VARIATION_STRENGTH,
-                                    "description": "share of tokens repainted, in (0, 1]"})
+        return await openai_run(http, edit_request(texts, files, served, variation))
 
     @app.post("/v1/images/edits", response_model=OpenAIImagesResponse, responses=ERRORS,
-              dependencies=[Depends(authorize)], openapi_extra=edit_form)
+              dependencies=[Depends(authorize)], openapi_extra=EDIT_FORM)
     async def openai_edits(http: HttpRequest):
         """Repaint the region of ``image`` that ``mask`` (or, without one, the image itself) leaves
         transparent, drawing ``prompt`` there; every other token of the image is kept."""
         return await openai_edit(http, variation=False)
 
     @app.post("/v1/images/variations", response_model=OpenAIImagesResponse, responses=ERRORS,
-              dependencies=[Depends(authorize)], openapi_extra=variation_form)
+              dependencies=[Depends(authorize)], openapi_extra=VARIATION_FORM)
     async def openai_variations(http: HttpRequest):
         """Images like ``image``: a ``strength`` share of its tokens (default 0.5) repainted, chosen by
         each image's seed; ``prompt`` (default empty) conditions the repainted tokens."""

@@ -4,11 +4,14 @@ handlers stay thin. Field names are the paper's and the engine's; unknown fields
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from vqdiff.model.io.edit_input import EditInput
 from vqdiff.server.api import PARAM_NAMES, timings_dict
+from vqdiff.server.errors import invalid
 from vqdiff.server.request import Result
 
 Number = StrictFloat | StrictInt
@@ -28,6 +31,9 @@ class GenerateRequest(BaseModel):
     truncation_rate: Optional[Number] = Field(None, description="Keep the most likely classes up to this mass.")
     sampler: Optional[Literal["purity", "random", "posterior", "skip"]] = None
     purity_weight: Optional[Number] = Field(None, description="r of Eq. 11 (purity sampler).")
+    unmask_schedule: Optional[Literal["linear", "cosine"]] = Field(
+        None, description="Tokens unmasked per forward (purity / random): linear, the same each forward; cosine, "
+                          "few first.")
     uncond: Optional[Literal["auto", "null", "empty", "negative"]] = None
     image: Optional[StrictStr] = Field(None, description="An edit: the image to start from, a base64 PNG at the model's "
                                                          "size; with mask (inpainting) or strength (a variation).")
@@ -41,6 +47,16 @@ class GenerateRequest(BaseModel):
     def given(self) -> dict:
         """The generation parameters this request set (``vqdiff.model.sampling.sampler.request_params`` fills the rest)."""
         return {k: getattr(self, k) for k in PARAM_NAMES if getattr(self, k) is not None}
+
+    def edit_input(self, max_upload_bytes: int) -> EditInput | None:
+        """``image`` / ``mask`` / ``strength`` (base64 PNGs) as an edit; the engine checks the rest."""
+        if self.image is None:
+            for name in ("mask", "strength"):
+                if getattr(self, name) is not None:
+                    raise invalid(f"{name}: given without an image to edit", name)
+            return None
+        image, mask = (_unbase64(getattr(self, n), n, max_upload_bytes) for n in ("image", "mask"))
+        return EditInput(image=image, mask=mask, strength=self.strength)
 
 
 class Image(BaseModel):
@@ -104,6 +120,17 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def _unbase64(text: str | None, name: str, max_bytes: int) -> bytes | None:
+    if text is None:
+        return None
+    if len(text) > 4 * (max_bytes // 3 + 1):  # before decoding it
+        raise invalid(f"{name}: {len(text)} base64 characters is too large; at most {max_bytes} bytes of PNG", name)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"{name}: not valid base64", name) from None
 
 
 def b64(data: bytes) -> str:

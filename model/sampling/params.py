@@ -20,6 +20,9 @@ SAMPLERS = ("purity", "random", "posterior", "skip")
 SELECTION_SAMPLERS = ("purity", "random")  # unmask Δz positions per forward (Algorithms 2 and 1)
 POSTERIOR_SAMPLERS = ("posterior", "skip")  # the original reverse process, full or skip-step
 UNCONDS = ("auto", "null", "empty", "negative")
+# how the selection samplers spread the tokens over their forwards (sampler.plan): linear keeps Δz
+# constant (the paper's); cosine lets the masked fraction follow cos(pi/2 * i / steps), few tokens first
+UNMASK_SCHEDULES = ("linear", "cosine")
 MAX_GUIDANCE = 50.0
 MAX_PURITY_WEIGHT = 20.0
 SEED_MAX = 2**63 - 1
@@ -43,6 +46,8 @@ class GenerationParams:
     sampler: str = _p("purity", " | ".join(SAMPLERS))
     steps: int = _p(100, "transformer forward passes")
     purity_weight: float = _p(1.0, "r of Eq. 11 (purity sampler only)")
+    unmask_schedule: str = _p("linear", "tokens unmasked per forward (purity / random): linear (the same every "
+                                        "forward) | cosine (the masked fraction follows cos(pi/2 i/steps): few first)")
     seed: int | None = _p(None, "None: the server picks one and reports it")
 
     def __post_init__(self) -> None:
@@ -51,6 +56,7 @@ class GenerationParams:
         _number(self, "purity_weight", 0.0, MAX_PURITY_WEIGHT)
         _choice(self, "sampler", SAMPLERS)
         _choice(self, "uncond", UNCONDS)
+        _choice(self, "unmask_schedule", UNMASK_SCHEDULES)
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"steps: {self.steps!r} is not allowed; expected an integer >= 1")
         if self.seed is not None and (

@@ -7,6 +7,7 @@ parameters), then ``denoise_step``. ``sample`` is the offline loop around it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -36,13 +37,14 @@ class Plan:
         return len(self.timesteps)
 
 
-def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule, masked: int | None = None) -> Plan:
+def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule, masked: int | None = None,
+         unmask_schedule: str = "linear") -> Plan:
     """The schedule of one request.
 
-    purity / random (Sec. 3.2): Δz ≈ M / steps tokens per forward, spread evenly over the M masked
-    tokens (``masked``; None: all N, a generation; fewer: an edit, model/sampling/edit.py); the
-    timestep is the one whose mask probability is nearest the current masked fraction of the N
-    (argmin |fraction - ctt[t]|).
+    purity / random (Sec. 3.2): the M masked tokens (``masked``; None: all N, a generation; fewer: an
+    edit, model/sampling/edit.py) unmasked over ``steps`` forwards, at least one each, spread by
+    ``unmask_schedule`` (``masked_left``); the timestep is the one whose mask probability is nearest
+    the current masked fraction of the N (argmin |fraction - ctt[t]|).
     posterior: t = T-1, ..., 0. skip: ``steps`` timesteps evenly spaced from T-1 down to 0; each forward
     evaluates the posterior one step above the next visited timestep (the released fast sampler).
     """
@@ -63,10 +65,27 @@ def plan(sampler: str, steps: int, num_tokens: int, schedule: Schedule, masked: 
     if not 1 <= steps <= m:
         raise ValueError(f"steps: {steps} is not allowed for sampler {sampler!r}; expected 1..{m}"
                          + ("" if m == num_tokens else f" (the {m} tokens to repaint)"))
-    counts = [(i + 1) * m // steps - i * m // steps for i in range(steps)]
-    masked_before = torch.tensor([m - i * m // steps for i in range(steps)], dtype=torch.float64)
-    ts = timestep_for_mask_fraction(schedule, masked_before / num_tokens)  # (steps,)
+    left = masked_left(m, steps, unmask_schedule)  # (steps + 1,): m, ..., 0
+    counts = [left[i] - left[i + 1] for i in range(steps)]
+    ts = timestep_for_mask_fraction(schedule, torch.tensor(left[:-1], dtype=torch.float64) / num_tokens)  # (steps,)
     return Plan(timesteps=tuple(ts.tolist()), counts=tuple(counts), t_eval=(0,) * steps)
+
+
+def masked_left(m: int, steps: int, unmask_schedule: str = "linear") -> list[int]:
+    """Tokens still masked before each of ``steps`` forwards, and after the last (0): m tokens down
+    by at least one per forward. linear: m - floor(i m / steps), Δz constant to within one token
+    (the paper's). cosine: round(m cos(pi/2 i / steps)), then nudged so that every forward unmasks at
+    least one: few tokens first, while the layout is decided, and more once it is."""
+    if unmask_schedule == "linear":
+        return [m - i * m // steps for i in range(steps)] + [0]
+    if unmask_schedule != "cosine":
+        raise ValueError(f"unmask_schedule: {unmask_schedule!r} is not allowed; expected linear or cosine")
+    left = [m] + [round(m * math.cos(math.pi / 2 * i / steps)) for i in range(1, steps)] + [0]
+    for i in range(1, steps):  # at least one token per forward, from both ends
+        left[i] = min(left[i], left[i - 1] - 1)
+    for i in range(steps - 1, 0, -1):
+        left[i] = max(left[i], left[i + 1] + 1)
+    return left
 
 
 @dataclass
@@ -202,7 +221,8 @@ def start(model, prompts: list[str], params: list[GenerationParams],
         # an edit's masked count: one host read per edit, at admission
         masked = None if x is None else int((x == c.mask_id).sum())
         x = empty.clone() if x is None else x.to(model.device, torch.long).clone()  # (N,)
-        states.append(RequestState(params=p, plan=plan(p.sampler, p.steps, c.num_tokens, model.schedule, masked),
+        states.append(RequestState(params=p, plan=plan(p.sampler, p.steps, c.num_tokens, model.schedule, masked,
+                                                       p.unmask_schedule),
                                    tokens=x, text_kv=kv[:, :, 2 * i : 2 * i + 2]))
     return states
 

@@ -3,6 +3,8 @@ reproducibility inside mixed batches, params validation, plans, and the CLI."""
 
 from __future__ import annotations
 
+import math
+
 import subprocess
 import sys
 
@@ -107,6 +109,29 @@ def test_request_alone_equals_request_in_a_mixed_batch(tiny_model, sampler, step
         advance(tiny_model.transformer, tiny_model.schedule, running)
     assert torch.equal(alone.tokens, joined.tokens)
     assert (alone.tokens < tiny_model.config.transformer.num_embed).all()  # nothing left masked
+
+
+def test_the_cosine_unmask_schedule_spreads_few_tokens_first():
+    from vqdiff.model.sampling.sampler import masked_left
+
+    s = Schedule(DiffusionConfig(num_classes=37))
+    assert masked_left(64, 16, "linear") == [64 - 4 * i for i in range(16)] + [0]
+    left = masked_left(64, 16, "cosine")
+    assert left[0] == 64 and left[-1] == 0
+    assert round(64 * math.cos(math.pi / 32)) == 64 and left[1] == 63  # nudged: one token at least
+    counts = [a - b for a, b in zip(left, left[1:])]
+    assert sum(counts) == 64 and min(counts) >= 1 and counts[0] < 4 < counts[-1]
+    assert sum(counts[:8]) < 64 / 3 and counts[0] == 1  # the first half of the forwards: under a third
+    for m in (1, 2, 5, 64, 1024):  # every forward unmasks at least one, at any steps <= m
+        for steps in {s for s in (1, 2, 3, m // 2, m - 1, m) if 1 <= s <= m}:
+            c = [a - b for a, b in zip(masked_left(m, steps, "cosine"), masked_left(m, steps, "cosine")[1:])]
+            assert sum(c) == m and min(c) >= 1 and len(c) == steps
+    assert plan("purity", 64, 64, s, unmask_schedule="cosine").counts == (1,) * 64  # one per forward: no choice
+    p = plan("purity", 16, 64, s, unmask_schedule="cosine")
+    assert p.counts == tuple(counts) and p.timesteps[0] == 99
+    assert list(p.timesteps) == sorted(p.timesteps, reverse=True)
+    with pytest.raises(ValueError, match="unmask_schedule"):
+        GenerationParams(unmask_schedule="exp")
 
 
 def test_plans():

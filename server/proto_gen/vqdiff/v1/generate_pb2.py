@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vqdiff/v1/generate.proto\x12\tvqdiff.v1\"\xa5\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x01n\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1c\n\x0ftruncation_rate\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12#\n\x07sampler\x18\x08 \x01(\x0e\x32\x12.vqdiff.v1.Sampler\x12\x1a\n\rpurity_weight\x18\t \x01(\x01H\x06\x88\x01\x01\x12!\n\x06uncond\x18\n \x01(\x0e\x32\x11.vqdiff.v1.Uncond\x12\x1a\n\rpreview_every\x18\x0b \x01(\rH\x07\x88\x01\x01\x12\x12\n\x05model\x18\x0c \x01(\tH\x08\x88\x01\x01\x12\x12\n\x05image\x18\r \x01(\x0cH\t\x88\x01\x01\x12\x11\n\x04mask\x18\x0e \x01(\x0cH\n\x88\x01\x01\x12\x15\n\x08strength\x18\x0f \x01(\x01H\x0b\x88\x01\x01\x42\x12\n\x10_negative_promptB\x04\n\x02_nB\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x12\n\x10_truncation_rateB\x10\n\x0e_purity_weightB\x10\n\x0e_preview_everyB\x08\n\x06_modelB\x08\n\x06_imageB\x07\n\x05_maskB\x0b\n\t_strength\"\"\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\"T\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xf1\x01\n\x10GenerationParams\x12\x16\n\x0eguidance_scale\x18\x01 \x01(\x01\x12!\n\x06uncond\x18\x02 \x01(\x0e\x32\x11.vqdiff.v1.Uncond\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0ftruncation_rate\x18\x04 \x01(\x01\x12#\n\x07sampler\x18\x05 \x01(\x0e\x32\x12.vqdiff.v1.Sampler\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x15\n\rpurity_weight\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x42\x12\n\x10_negative_prompt\"\xa0\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12 \n\x06images\x18\x03 \x03(\x0b\x32\x10.vqdiff.v1.Image\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.vqdiff.v1.Timings\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.vqdiff.v1.GenerationParams\"]\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x10\n\x08unmasked\x18\x03 \x01(\x01\x12\"\n\x08previews\x18\x04 \x03(\x0b\x32\x10.vqdiff.v1.Image\"y\n\x16GenerateStreamResponse\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.vqdiff.v1.ProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.vqdiff.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*s\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSAMPLER_PURITY\x10\x01\x12\x12\n\x0eSAMPLER_RANDOM\x10\x02\x12\x15\n\x11SAMPLER_POSTERIOR\x10\x03\x12\x10\n\x0cSAMPLER_SKIP\x10\x04*i\n\x06Uncond\x12\x16\n\x12UNCOND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bUNCOND_AUTO\x10\x01\x12\x0f\n\x0bUNCOND_NULL\x10\x02\x12\x10\n\x0cUNCOND_EMPTY\x10\x03\x12\x13\n\x0fUNCOND_NEGATIVE\x10\x04\x32\xa9\x01\n\x0fImageGeneration\x12\x43\n\x08Generate\x12\x1a.vqdiff.v1.GenerateRequest\x1a\x1b.vqdiff.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.vqdiff.v1.GenerateRequest\x1a!.vqdiff.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vqdiff/v1/generate.proto\x12\tvqdiff.v1\"\xd9\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x01n\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1c\n\x0ftruncation_rate\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12#\n\x07sampler\x18\x08 \x01(\x0e\x32\x12.vqdiff.v1.Sampler\x12\x1a\n\rpurity_weight\x18\t \x01(\x01H\x06\x88\x01\x01\x12!\n\x06uncond\x18\n \x01(\x0e\x32\x11.vqdiff.v1.Uncond\x12\x1a\n\rpreview_every\x18\x0b \x01(\rH\x07\x88\x01\x01\x12\x12\n\x05model\x18\x0c \x01(\tH\x08\x88\x01\x01\x12\x12\n\x05image\x18\r \x01(\x0cH\t\x88\x01\x01\x12\x11\n\x04mask\x18\x0e \x01(\x0cH\n\x88\x01\x01\x12\x15\n\x08strength\x18\x0f \x01(\x01H\x0b\x88\x01\x01\x12\x32\n\x0funmask_schedule\x18\x10 \x01(\x0e\x32\x19.vqdiff.v1.UnmaskScheduleB\x12\n\x10_negative_promptB\x04\n\x02_nB\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x12\n\x10_truncation_rateB\x10\n\x0e_purity_weightB\x10\n\x0e_preview_everyB\x08\n\x06_modelB\x08\n\x06_imageB\x07\n\x05_maskB\x0b\n\t_strength\"\"\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\"T\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xa5\x02\n\x10GenerationParams\x12\x16\n\x0eguidance_scale\x18\x01 \x01(\x01\x12!\n\x06uncond\x18\x02 \x01(\x0e\x32\x11.vqdiff.v1.Uncond\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0ftruncation_rate\x18\x04 \x01(\x01\x12#\n\x07sampler\x18\x05 \x01(\x0e\x32\x12.vqdiff.v1.Sampler\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x15\n\rpurity_weight\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x32\n\x0funmask_schedule\x18\t \x01(\x0e\x32\x19.vqdiff.v1.UnmaskScheduleB\x12\n\x10_negative_prompt\"\xa0\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12 \n\x06images\x18\x03 \x03(\x0b\x32\x10.vqdiff.v1.Image\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.vqdiff.v1.Timings\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.vqdiff.v1.GenerationParams\"]\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x10\n\x08unmasked\x18\x03 \x01(\x01\x12\"\n\x08previews\x18\x04 \x03(\x0b\x32\x10.vqdiff.v1.Image\"y\n\x16GenerateStreamResponse\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.vqdiff.v1.ProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.vqdiff.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*s\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSAMPLER_PURITY\x10\x01\x12\x12\n\x0eSAMPLER_RANDOM\x10\x02\x12\x15\n\x11SAMPLER_POSTERIOR\x10\x03\x12\x10\n\x0cSAMPLER_SKIP\x10\x04*i\n\x06Uncond\x12\x16\n\x12UNCOND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bUNCOND_AUTO\x10\x01\x12\x0f\n\x0bUNCOND_NULL\x10\x02\x12\x10\n\x0cUNCOND_EMPTY\x10\x03\x12\x13\n\x0fUNCOND_NEGATIVE\x10\x04*i\n\x0eUnmaskSchedule\x12\x1f\n\x1bUNMASK_SCHEDULE_UNSPECIFIED\x10\x00\x12\x1a\n\x16UNMASK_SCHEDULE_LINEAR\x10\x01\x12\x1a\n\x16UNMASK_SCHEDULE_COSINE\x10\x02\x32\xa9\x01\n\x0fImageGeneration\x12\x43\n\x08Generate\x12\x1a.vqdiff.v1.GenerateRequest\x1a\x1b.vqdiff.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.vqdiff.v1.GenerateRequest\x1a!.vqdiff.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vqdiff.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLER']._serialized_start=1338
-  _globals['_SAMPLER']._serialized_end=1453
-  _globals['_UNCOND']._serialized_start=1455
-  _globals['_UNCOND']._serialized_end=1560
+  _globals['_SAMPLER']._serialized_start=1442
+  _globals['_SAMPLER']._serialized_end=1557
+  _globals['_UNCOND']._serialized_start=1559
+  _globals['_UNCOND']._serialized_end=1664
+  _globals['_UNMASKSCHEDULE']._serialized_start=1666
+  _globals['_UNMASKSCHEDULE']._serialized_end=1771
   _globals['_GENERATEREQUEST']._serialized_start=40
-  _globals['_GENERATEREQUEST']._serialized_end=589
-  _globals['_IMAGE']._serialized_start=591
-  _globals['_IMAGE']._serialized_end=625
-  _globals['_TIMINGS']._serialized_start=627
-  _globals['_TIMINGS']._serialized_end=711
-  _globals['_GENERATIONPARAMS']._serialized_start=714
-  _globals['_GENERATIONPARAMS']._serialized_end=955
-  _globals['_GENERATERESPONSE']._serialized_start=958
-  _globals['_GENERATERESPONSE']._serialized_end=1118
-  _globals['_PROGRESS']._serialized_start=1120
-  _globals['_PROGRESS']._serialized_end=1213
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1215
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1336
-  _globals['_IMAGEGENERATION']._serialized_start=1563
-  _globals['_IMAGEGENERATION']._serialized_end=1732
+  _globals['_GENERATEREQUEST']._serialized_end=641
+  _globals['_IMAGE']._serialized_start=643
+  _globals['_IMAGE']._serialized_end=677
+  _globals['_TIMINGS']._serialized_start=679
+  _globals['_TIMINGS']._serialized_end=763
+  _globals['_GENERATIONPARAMS']._serialized_start=766
+  _globals['_GENERATIONPARAMS']._serialized_end=1059
+  _globals['_GENERATERESPONSE']._serialized_start=1062
+  _globals['_GENERATERESPONSE']._serialized_end=1222
+  _globals['_PROGRESS']._serialized_start=1224
+  _globals['_PROGRESS']._serialized_end=1317
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1319
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1440
+  _globals['_IMAGEGENERATION']._serialized_start=1774
+  _globals['_IMAGEGENERATION']._serialized_end=1943
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,12 @@ class Uncond(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNCOND_NULL: _ClassVar[Uncond]
     UNCOND_EMPTY: _ClassVar[Uncond]
     UNCOND_NEGATIVE: _ClassVar[Uncond]
+
+class UnmaskSchedule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNMASK_SCHEDULE_UNSPECIFIED: _ClassVar[UnmaskSchedule]
+    UNMASK_SCHEDULE_LINEAR: _ClassVar[UnmaskSchedule]
+    UNMASK_SCHEDULE_COSINE: _ClassVar[UnmaskSchedule]
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_PURITY: Sampler
 SAMPLER_RANDOM: Sampler
@@ -32,9 +38,12 @@ UNCOND_AUTO: Uncond
 UNCOND_NULL: Uncond
 UNCOND_EMPTY: Uncond
 UNCOND_NEGATIVE: Uncond
+UNMASK_SCHEDULE_UNSPECIFIED: UnmaskSchedule
+UNMASK_SCHEDULE_LINEAR: UnmaskSchedule
+UNMASK_SCHEDULE_COSINE: UnmaskSchedule
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance_scale", "truncation_rate", "sampler", "purity_weight", "uncond", "preview_every", "model", "image", "mask", "strength")
+    __slots__ = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance_scale", "truncation_rate", "sampler", "purity_weight", "uncond", "preview_every", "model", "image", "mask", "strength", "unmask_schedule")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +59,7 @@ class GenerateRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     n: int
@@ -65,7 +75,8 @@ class GenerateRequest(_message.Message):
     image: bytes
     mask: bytes
     strength: float
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., truncation_rate: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., purity_weight: _Optional[float] = ..., uncond: _Optional[_Union[Uncond, str]] = ..., preview_every: _Optional[int] = ..., model: _Optional[str] = ..., image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
+    unmask_schedule: UnmaskSchedule
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., truncation_rate: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., purity_weight: _Optional[float] = ..., uncond: _Optional[_Union[Uncond, str]] = ..., preview_every: _Optional[int] = ..., model: _Optional[str] = ..., image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., strength: _Optional[float] = ..., unmask_schedule: _Optional[_Union[UnmaskSchedule, str]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("png", "seed")
@@ -88,7 +99,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
-    __slots__ = ("guidance_scale", "uncond", "negative_prompt", "truncation_rate", "sampler", "steps", "purity_weight", "seed")
+    __slots__ = ("guidance_scale", "uncond", "negative_prompt", "truncation_rate", "sampler", "steps", "purity_weight", "seed", "unmask_schedule")
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     UNCOND_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +108,7 @@ class GenerationParams(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PURITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     guidance_scale: float
     uncond: Uncond
     negative_prompt: str
@@ -105,7 +117,8 @@ class GenerationParams(_message.Message):
     steps: int
     purity_weight: float
     seed: int
-    def __init__(self, guidance_scale: _Optional[float] = ..., uncond: _Optional[_Union[Uncond, str]] = ..., negative_prompt: _Optional[str] = ..., truncation_rate: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., steps: _Optional[int] = ..., purity_weight: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    unmask_schedule: UnmaskSchedule
+    def __init__(self, guidance_scale: _Optional[float] = ..., uncond: _Optional[_Union[Uncond, str]] = ..., negative_prompt: _Optional[str] = ..., truncation_rate: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., steps: _Optional[int] = ..., purity_weight: _Optional[float] = ..., seed: _Optional[int] = ..., unmask_schedule: _Optional[_Union[UnmaskSchedule, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("id", "seed", "images", "timings", "params")
