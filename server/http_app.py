@@ -100,7 +100,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
         return {"object": "list", "data": [{**s.info, "object": "model", "owned_by": "vqdiff",
-                                            "default_params": s.defaults.to_dict()} for s in catalog.all()]}
+                                            "default_params": s.defaults.to_dict(), "few_steps": s.few_steps}
+                                           for s in catalog.all()]}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():

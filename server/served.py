@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vqdiff.model.sampling.params import GenerationParams
+from vqdiff.model.sampling.params import GenerationParams, split_defaults
 from vqdiff.model.sampling.sampler import default_params
 from vqdiff.server.scheduler import Unavailable
 
@@ -34,6 +34,11 @@ class Served:
     @property
     def defaults(self) -> GenerationParams:
         return default_params(self.model)
+
+    @property
+    def few_steps(self) -> dict | None:
+        """The model folder's few-steps rule (``params.split_defaults``), or None."""
+        return split_defaults(self.model.generation_defaults)[1]
 
     @property
     def image_size(self) -> int:

@@ -70,7 +70,7 @@ def convert(args: argparse.Namespace) -> None:
     import torch
 
     from vqdiff.model.io.folder import load_model, save_model
-    from vqdiff.model.sampling.params import GenerationParams
+    from vqdiff.model.sampling.params import split_defaults
 
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: {args.dtype!r} is not allowed; expected one of {list(DTYPES)}")
@@ -78,6 +78,6 @@ def convert(args: argparse.Namespace) -> None:
     model = load_model(args.src, variant=args.variant)
     if args.defaults:
         model.generation_defaults = json.loads(args.defaults)
-        GenerationParams.from_dict(model.generation_defaults)  # fail now, not at the next load
+        split_defaults(model.generation_defaults)  # fail now, not at the next load
     extra = {"provenance": json.loads(args.provenance)} if args.provenance else None
     print(save_model(model, args.dst, dtype=dtype, overwrite=args.overwrite, extra=extra))

@@ -344,15 +344,16 @@ def load_model(
 
 
 def read_generation_defaults(folder: Path) -> dict:
-    """``vqdiff.json``'s ``generation_defaults`` (our addition to the layout; optional), validated."""
-    from vqdiff.model.sampling.params import GenerationParams
+    """``vqdiff.json``'s ``generation_defaults`` (our addition to the layout; optional), validated:
+    GenerationParams fields and an optional few-steps rule (``params.split_defaults``)."""
+    from vqdiff.model.sampling.params import split_defaults
 
     path = Path(folder) / EXTRA
     if not path.is_file():
         return {}
     defaults = _read_json(path).get("generation_defaults", {})
     try:
-        GenerationParams.from_dict(defaults)
+        split_defaults(defaults)
     except (TypeError, ValueError) as e:
         raise ModelFolderError(f"{path}: generation_defaults: {e}") from None
     return defaults

@@ -120,6 +120,32 @@ def _choice(p: GenerationParams, name: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}: {v!r} is not allowed; expected one of {list(allowed)}")
 
 
+FEW_STEPS = "few_steps"  # the key of generation defaults that apply at a small step count (below)
+
+
+def split_defaults(defaults: dict) -> tuple[dict, dict | None]:
+    """A model folder's generation defaults (``vqdiff.json``) as (GenerationParams fields, the
+    few-steps rule or None). The rule, ``{"max_steps": S, field: value, ...}``, gives the selection
+    samplers other defaults for a request of at most S steps (fewer tokens per forward call for other
+    settings: a sharper draw, another spread); fields the request gives win. Raises ValueError naming
+    the key on anything else."""
+    fields_ = {k: v for k, v in defaults.items() if k != FEW_STEPS}
+    GenerationParams.from_dict(fields_)
+    rule = defaults.get(FEW_STEPS)
+    if rule is None:
+        return fields_, None
+    if not isinstance(rule, dict) or not isinstance(rule.get("max_steps"), int) or isinstance(
+            rule.get("max_steps"), bool) or rule["max_steps"] < 1:
+        raise ValueError(f"{FEW_STEPS}: {rule!r} is not allowed; expected {{\"max_steps\": an integer >= 1, field: "
+                         "value, ...}")
+    values = {k: v for k, v in rule.items() if k != "max_steps"}
+    if {"steps", "seed", "sampler"} & set(values):
+        raise ValueError(f"{FEW_STEPS}: sets {sorted({'steps', 'seed', 'sampler'} & set(values))}; a few-steps rule "
+                         "may not set steps, seed or sampler")
+    GenerationParams.from_dict(values)
+    return fields_, {"max_steps": rule["max_steps"], **values}
+
+
 def image_seed(seed: int, i: int) -> int:
     """The seed of image ``i`` of a request with ``seed``: ``seed + i``, wrapping past 2^63 - 1 to 0."""
     return (seed + i) % (SEED_MAX + 1)

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 from vqdiff.model.diffusion import Schedule, timestep_for_mask_fraction
-from vqdiff.model.sampling.params import POSTERIOR_SAMPLERS, SAMPLERS, GenerationParams
+from vqdiff.model.sampling.params import (
+    POSTERIOR_SAMPLERS, SAMPLERS, SELECTION_SAMPLERS, GenerationParams, split_defaults,
+)
 from vqdiff.model.sampling.rng import random_seed
 from vqdiff.model.sampling.step import POSTERIOR, PURITY, RANDOM, BatchParams, StepOutput, denoise_step
 
@@ -171,7 +173,8 @@ def default_params(model, sampler: str | None = None) -> GenerationParams:
     model's T forwards; any other sampler than the folder's own keeps the folder's forward budget,
     capped at what it allows (``skip``: T; ``purity`` / ``random``: N)."""
     c = model.config.transformer
-    base = GenerationParams.from_dict(model.generation_defaults, GenerationParams(steps=min(100, c.num_tokens)))
+    fields, _ = split_defaults(model.generation_defaults)
+    base = GenerationParams.from_dict(fields, GenerationParams(steps=min(100, c.num_tokens)))
     if sampler is None or sampler == base.sampler:
         return base
     if sampler not in SAMPLERS:
@@ -182,8 +185,14 @@ def default_params(model, sampler: str | None = None) -> GenerationParams:
 
 
 def request_params(model, given: dict) -> GenerationParams:
-    """A request's parameters: the fields it gave over the defaults of the sampler it names."""
-    return GenerationParams.from_dict(given, default_params(model, given.get("sampler")))
+    """A request's parameters: the fields it gave over the defaults of the sampler it names, and,
+    for a selection sampler at no more steps than the model folder's few-steps rule names
+    (``params.split_defaults``), that rule's values for the fields it did not give."""
+    p = GenerationParams.from_dict(given, default_params(model, given.get("sampler")))
+    _, rule = split_defaults(model.generation_defaults)
+    if rule is None or p.sampler not in SELECTION_SAMPLERS or p.steps > rule["max_steps"]:
+        return p
+    return replace(p, **{k: v for k, v in rule.items() if k != "max_steps" and k not in given})
 
 
 @torch.no_grad()

@@ -229,3 +229,27 @@ def test_edit_paints_a_region_and_only_that_region_is_repainted(page, server, tm
     page.click("#no_edit")
     expect(page.locator("#generate")).to_have_text("Generate")
     expect(page.locator("#paint")).to_be_hidden()
+
+
+def test_the_form_shows_the_few_steps_rule_until_a_field_is_edited(page, server):
+    """A model folder's few-steps rule (GET /v1/models) fills the form for short requests, so what
+    the page sends is what the server would have chosen; a field the user edits is left alone."""
+    model = page_server_model[0]
+    saved = model.generation_defaults
+    model.generation_defaults = {"steps": 40, "few_steps": {"max_steps": 16, "purity_weight": 2.0,
+                                                            "unmask_schedule": "cosine"}}
+    try:
+        page.reload()
+        expect(page.locator("#steps")).to_have_value("40")
+        expect(page.locator("#unmask_schedule")).to_have_value("linear")
+        page.fill("#steps", "8")
+        expect(page.locator("#unmask_schedule")).to_have_value("cosine")
+        expect(page.locator("#purity_weight")).to_have_value("2")
+        page.fill("#steps", "32")
+        expect(page.locator("#purity_weight")).to_have_value("1")
+        page.fill("#purity_weight", "0.5")  # edited: the rule no longer sets it
+        page.fill("#steps", "8")
+        expect(page.locator("#purity_weight")).to_have_value("0.5")
+        expect(page.locator("#unmask_schedule")).to_have_value("cosine")
+    finally:
+        model.generation_defaults = saved

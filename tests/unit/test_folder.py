@@ -291,6 +291,9 @@ def test_bad_generation_defaults_are_named(tokenizer, tiny_config, tmp_path):
     (folder / "vqdiff.json").write_text(json.dumps({"generation_defaults": {"guidance_scale": 0.1}}))
     with pytest.raises(ModelFolderError, match=r"vqdiff\.json: generation_defaults: guidance_scale: 0.1"):
         load_model(folder)
+    (folder / "vqdiff.json").write_text(json.dumps({"generation_defaults": {"few_steps": {"max_steps": 0}}}))
+    with pytest.raises(ModelFolderError, match=r"generation_defaults: few_steps"):
+        load_model(folder)
 
 
 def test_a_shorter_text_length_round_trips(tokenizer, tiny_config, tmp_path):

@@ -17,7 +17,7 @@ from vqdiff.model.config import DiffusionConfig
 from vqdiff.model.diffusion import Schedule
 from vqdiff.model.io.folder import load_model, random_model, save_model
 from vqdiff.model.sampling.params import GenerationParams
-from vqdiff.model.sampling.sampler import advance, default_params, plan, sample, start
+from vqdiff.model.sampling.sampler import advance, default_params, plan, sample, start, request_params
 from vqdiff.model.sampling.step import POSTERIOR, BatchParams, denoise_step
 from tests.serving import cli
 
@@ -132,6 +132,32 @@ def test_the_cosine_unmask_schedule_spreads_few_tokens_first():
     assert list(p.timesteps) == sorted(p.timesteps, reverse=True)
     with pytest.raises(ValueError, match="unmask_schedule"):
         GenerationParams(unmask_schedule="exp")
+
+
+def test_a_few_steps_rule_sets_the_defaults_of_short_requests(tiny_model):
+    from vqdiff.model.sampling.params import split_defaults
+
+    rule = {"max_steps": 16, "unmask_schedule": "cosine", "purity_weight": 2.0}
+    saved = tiny_model.generation_defaults
+    tiny_model.generation_defaults = {"steps": 64, "guidance_scale": 2.0, "few_steps": rule}
+    try:
+        long = request_params(tiny_model, {})
+        assert (long.steps, long.unmask_schedule, long.purity_weight) == (64, "linear", 1.0)
+        short = request_params(tiny_model, {"steps": 16})
+        assert (short.unmask_schedule, short.purity_weight, short.guidance_scale) == ("cosine", 2.0, 2.0)
+        assert request_params(tiny_model, {"steps": 17}).unmask_schedule == "linear"  # past max_steps
+        mine = request_params(tiny_model, {"steps": 8, "purity_weight": 0.5})  # what a request gives wins
+        assert (mine.purity_weight, mine.unmask_schedule) == (0.5, "cosine")
+        assert request_params(tiny_model, {"sampler": "skip", "steps": 8}).purity_weight == 1.0  # selection only
+        assert split_defaults(tiny_model.generation_defaults) == ({"steps": 64, "guidance_scale": 2.0}, rule)
+    finally:
+        tiny_model.generation_defaults = saved
+    for bad, match in (({"few_steps": {"unmask_schedule": "cosine"}}, "max_steps"),
+                       ({"few_steps": {"max_steps": 8, "steps": 4}}, "may not set steps"),
+                       ({"few_steps": {"max_steps": 8, "purity_weight": -1}}, "purity_weight"),
+                       ({"few_steps": [8]}, "few_steps")):
+        with pytest.raises(ValueError, match=match):
+            split_defaults(bad)
 
 
 def test_plans():
