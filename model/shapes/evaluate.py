@@ -171,7 +171,8 @@ def format_report(rows: list[dict], params, model: str | Path) -> str:
     parameters, a table of the scores, then per row the misses by reason and the facts shown."""
     p = params
     lines = [f"model {model}  sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale} "
-             f"truncation_rate={p.truncation_rate} purity_weight={p.purity_weight} uncond={p.uncond}",
+             f"truncation_rate={p.truncation_rate} purity_weight={p.purity_weight} unmask_schedule={p.unmask_schedule} "
+             f"uncond={p.uncond}",
              f"{'kind':6s} {'split':8s} {'prompts':>7s} {'samples':>7s} {'fidelity':>8s} {'quality':>8s} "
              f"{'diversity':>9s} {'FD':>8s}"]
     for r in rows:
