@@ -4,6 +4,7 @@ background thread with its own event loop, for end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +17,22 @@ from pathlib import Path
 from vqdiff.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def sse_events(lines) -> list[dict]:
+    """SSE blocks as {"id", "event", "data"} (comments skipped)."""
+    out, block = [], {}
+    for line in lines:
+        if line == "":
+            if block:
+                out.append(block)
+                if block.get("event") in ("result", "error"):
+                    return out
+            block = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(": ")
+            block[field] = json.loads(value) if field == "data" else value
+    return out
 
 
 def free_port() -> int:

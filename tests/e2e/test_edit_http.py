@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 
 import httpx
@@ -19,7 +18,7 @@ from vqdiff.model.io.images import decode_pngs, rgb_tensor
 from vqdiff.model.sampling.edit import edit, token_mask
 from vqdiff.model.sampling.sampler import request_params
 from tests.e2e.test_http import alone, model  # noqa: F401 - the same tiny model fixture
-from tests.serving import ServerThread
+from tests.serving import ServerThread, sse_events
 
 SIZE = 16  # the tiny model's images: 8x8 tokens of 2x2 pixels
 
@@ -79,15 +78,9 @@ def test_generate_with_image_and_mask_is_the_library_edit(server, model):
 
 def test_a_variation_by_strength_and_its_stream(server, model):
     body = {"prompt": "", "image": b64(source(1)), "strength": 0.5, "seed": 9, "stream": True, "preview_every": 1}
-    events = []
     with httpx.stream("POST", f"{server.url}/v1/generate", json=body, timeout=60) as r:
         assert r.status_code == 200
-        kind = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                events.append((kind, json.loads(line[6:])))
+        events = [(e["event"], e["data"]) for e in sse_events(r.iter_lines())]
     assert [k for k, _ in events][0] == "queued" and events[-1][0] == "result"
     progress = [d for k, d in events if k == "progress"]
     assert progress and progress[0]["unmasked"] >= 0.5 - 1e-9  # half the tokens were never masked

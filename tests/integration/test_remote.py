@@ -27,7 +27,7 @@ from vqdiff.server.request import Failure, Progress, Result, Status, Timings
 from vqdiff.server.served import Catalog, Served
 from vqdiff.server.settings import Settings
 
-from tests.serving import RedisServer, ServerThread, free_port
+from tests.serving import RedisServer, ServerThread, free_port, sse_events
 
 MODEL = "tiny"
 PNG = b"\x89PNG\r\n\x1a\nfake image"
@@ -108,22 +108,6 @@ class ApiThread(ServerThread):
         self.loop, self.started, self.stop_event = asyncio.new_event_loop(), asyncio.Event(), asyncio.Event()
         self.error = None
         self.thread = threading.Thread(target=self._run, daemon=True)
-
-
-def sse_events(lines) -> list[dict]:
-    """SSE blocks as {"id", "event", "data"} (comments skipped)."""
-    out, block = [], {}
-    for line in lines:
-        if line == "":
-            if block:
-                out.append(block)
-                if block.get("event") in ("result", "error"):
-                    return out
-            block = {}
-        elif not line.startswith(":"):
-            field, _, value = line.partition(": ")
-            block[field] = json.loads(value) if field == "data" else value
-    return out
 
 
 def metric(exposition: str, series: str) -> float:
