@@ -77,7 +77,7 @@ def masked_left(m: int, steps: int, unmask_schedule: str = "linear") -> list[int
     """Tokens still masked before each of ``steps`` forwards, and after the last (0): m tokens down
     by at least one per forward. linear: m - floor(i m / steps), Δz constant to within one token
     (the paper's). cosine: round(m cos(pi/2 i / steps)), then nudged so that every forward unmasks at
-    least one: few tokens first, while the layout is decided, and more once it is."""
+    least one: few tokens in the first forwards, more in the last (docs/RESULTS.md measures both)."""
     if unmask_schedule == "linear":
         return [m - i * m // steps for i in range(steps)] + [0]
     if unmask_schedule != "cosine":
