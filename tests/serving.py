@@ -19,6 +19,20 @@ from vqdiff.server.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def confident_model(tokenizer, config, seed: int = 3):
+    """A random model with confident, varied predictions: its output layer scaled by 40 and its null
+    condition drawn at random (a zero null makes guidance a no-op)."""
+    import torch
+
+    from vqdiff.model.io.folder import random_model
+
+    m = random_model(config, tokenizer, seed=seed).eval()
+    with torch.no_grad():
+        m.transformer.out.weight.mul_(40.0)
+        m.null_cond.embeddings.normal_()
+    return m
+
+
 def sse_events(lines) -> list[dict]:
     """SSE blocks as {"id", "event", "data"} (comments skipped)."""
     out, block = [], {}

@@ -14,21 +14,16 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from vqdiff.model.io.folder import random_model
 from vqdiff.model.sampling.sampler import request_params, sample
 from vqdiff.model.io.images import decode_pngs
-from tests.serving import ServerThread
+from tests.serving import ServerThread, confident_model
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer, tiny_config):
-    m = random_model(tiny_config, tokenizer, seed=3).eval()
-    with torch.no_grad():
-        m.transformer.out.weight.mul_(40.0)
-        m.null_cond.embeddings.normal_()
+    m = confident_model(tokenizer, tiny_config)
     m.generation_defaults = {"steps": 6, "guidance_scale": 2.0}
     return m
 

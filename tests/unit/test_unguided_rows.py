@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqdiff.model.io.folder import random_model
+from tests.serving import confident_model
 from vqdiff.model.sampling.sampler import advance, batch_text_kv, forward_rows, request_params, sample, start
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer, tiny_config):
-    m = random_model(tiny_config, tokenizer, seed=3).eval()
-    with torch.no_grad():
-        m.transformer.out.weight.mul_(40.0)
-        m.null_cond.embeddings.normal_()
-    return m
+    return confident_model(tokenizer, tiny_config)
 
 
 def test_a_forward_runs_a_cond_row_each_and_an_uncond_row_each_guided_request(model):
