@@ -63,26 +63,39 @@ def write_pngs(model, tokens, paths: list[Path]) -> None:
         path.write_bytes(png)
 
 
-def run(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
+def image_params(args: argparse.Namespace, model) -> list[GenerationParams]:
+    """The flags' parameters for each of the ``--n`` images, seed ``--seed + i`` (a random seed if
+    none), resolved: a parameter the model cannot take fails here, before any work."""
     from vqdiff.model.sampling.rng import random_seed
-    from vqdiff.model.sampling.sampler import sample
 
     if args.n < 1:
         raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
-    model = load(args)
     base = params_from_args(args, model)
     seed = args.seed if args.seed is not None else random_seed()
     c = model.config.transformer
-    params = [GenerationParams.from_dict({"seed": image_seed(seed, i)}, base).resolve(
+    return [GenerationParams.from_dict({"seed": image_seed(seed, i)}, base).resolve(
         num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None)
-        for i in range(args.n)]  # fails here, before any work, on parameters the model cannot take
-    with tqdm(total=max(p.steps for p in params), desc="denoising", unit="step", disable=args.quiet) as bar:
-        result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1), decode=False)
-    paths = png_paths(args.out, args.n)
+        for i in range(args.n)]
+
+
+def sample_to_pngs(args: argparse.Namespace, model, params: list[GenerationParams], desc: str, inits=None):
+    """Sample ``args.prompt`` once per params (a progress bar unless ``--quiet``) and write the PNGs
+    (``png_paths``); returns the paths and the parameters as resolved."""
+    from tqdm import tqdm
+
+    from vqdiff.model.sampling.sampler import sample
+
+    with tqdm(total=max(p.steps for p in params), desc=desc, unit="step", disable=args.quiet) as bar:
+        result = sample(model, [args.prompt] * len(params), params, on_step=lambda states: bar.update(1),
+                        decode=False, inits=inits)
+    paths = png_paths(args.out, len(params))
     write_pngs(model, result.tokens, paths)
-    for path, p in zip(paths, result.params):
+    return paths, result.params
+
+
+def run(args: argparse.Namespace) -> None:
+    model = load(args)
+    for path, p in zip(*sample_to_pngs(args, model, image_params(args, model), "denoising")):
         print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} guidance_scale={p.guidance_scale}")
 
 
@@ -101,36 +114,21 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_edit(args: argparse.Namespace) -> None:
     """The same request the server takes (model/io/edit_input.py checks it: sizes, the mask)."""
-    from tqdm import tqdm
-
-    from vqdiff.model.sampling.edit import edit_params
-    from vqdiff.model.sampling.rng import random_seed
-    from vqdiff.model.sampling.sampler import sample
     from vqdiff.model.io import edit_input as edits
     from vqdiff.model.io.edit_input import EditInput
+    from vqdiff.model.sampling.edit import edit_params
 
-    if args.n < 1:
-        raise ValueError(f"--n: {args.n} is not allowed; expected an integer >= 1")
     image = _read(args.image, "image")
     request = EditInput(image=image, mask=None if args.strength is not None else
                         (_read(args.mask, "--mask") if args.mask else image), strength=args.strength)
     model = load(args)
-    limit = max(len(image), len(request.mask or b""))
-    c = model.config.transformer
+    limit = max(len(image), len(request.mask or b""))  # the CLI has no upload limit
     repainted = edits.check(request, model.config, limit)
-    seed = args.seed if args.seed is not None else random_seed()
-    base = params_from_args(args, model)
-    params = [edit_params(GenerationParams.from_dict({"seed": image_seed(seed, i)}, base).resolve(
-        num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None), repainted)
-        for i in range(args.n)]
-    inits = edits.start_grids(model, request, seed, args.n, limit)
-    with tqdm(total=max(p.steps for p in params), desc="repainting", unit="step", disable=args.quiet) as bar:
-        result = sample(model, [args.prompt] * args.n, params, on_step=lambda states: bar.update(1), decode=False,
-                        inits=inits)
-    paths = png_paths(args.out, args.n)
-    write_pngs(model, result.tokens, paths)
-    for path, p in zip(paths, result.params):
-        print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} repainted={repainted}/{c.num_tokens} tokens")
+    params = [edit_params(p, repainted) for p in image_params(args, model)]
+    inits = edits.start_grids(model, request, params[0].seed, args.n, limit)
+    n = model.config.transformer.num_tokens
+    for path, p in zip(*sample_to_pngs(args, model, params, "repainting", inits)):
+        print(f"{path}  seed={p.seed} sampler={p.sampler} steps={p.steps} repainted={repainted}/{n} tokens")
 
 
 def _read(path: Path, name: str) -> bytes:
