@@ -18,8 +18,10 @@ def add_data_shapes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, required=True, help="images")
     parser.add_argument("--start", type=int, default=0,
                         help="first index: images are generate(i) for i in [start, start + n)")
-    parser.add_argument("--split", choices=["train", "heldout"], default="train",
-                        help="train: the held-out colour/shape pairs never appear; heldout: the first object is one of them")
+    parser.add_argument("--split", choices=["train", "heldout", "unpaired", "all"], default="train",
+                        help="train: the held-out colour/shape pairs never appear; heldout: the first object is one "
+                             "of them; unpaired: they appear in images, but no caption names both colour and shape; "
+                             "all: they appear in images and captions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", action="store_true", help="add to an existing folder (numbering continues)")
     parser.add_argument("--workers", type=int, default=1,

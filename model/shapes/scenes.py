@@ -29,7 +29,11 @@ IMAGE_SIZE = 32
 HELDOUT = (("red", "triangle"), ("green", "square"), ("blue", "circle"))  # never in "train"
 PLACES = ("left", "right", "top", "bottom")  # "on the left", ..., "at the bottom"
 RELATIONS = ("above", "below", "left", "right")  # "above", "below", "to the left of", "to the right of"
-Split = Literal["train", "heldout"]
+Split = Literal["train", "heldout", "unpaired", "all"]
+# "unpaired": images of every colour/shape pair, held-out ones included, but no caption names both the
+# colour and the shape of a held-out object (it says one, or neither): the pairs stay out of the text.
+# "all": every pair in images and captions alike (data for a text encoder pretrained on more pairs
+# than the generator sees)
 
 _COLOUR_NAMES = tuple(COLOURS)
 
@@ -96,9 +100,10 @@ def _rng(seed: int, index: int, *extra: int) -> np.random.Generator:
 
 
 def _split_code(split: str) -> int:
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    return 0 if split == "train" else 1
+    codes = {"train": 0, "heldout": 1, "unpaired": 2, "all": 3}
+    if split not in codes:
+        raise ValueError(f"split must be one of {list(codes)}, got {split!r}")
+    return codes[split]
 
 
 def _apart(a: Obj, b: Obj, image_size: int) -> bool:
@@ -122,7 +127,7 @@ def sample_scene(rng: np.random.Generator, split: Split, n_objects: int | None =
                 while True:
                     colour = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
                     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-                    if split == "heldout" or (colour, shape) not in HELDOUT:
+                    if split != "train" or (colour, shape) not in HELDOUT:
                         break
             size = SIZES[int(rng.integers(2))]
             r = half_extent(size, image_size)
@@ -229,11 +234,15 @@ def describe(rng: np.random.Generator, scene: Scene, split: Split = "train",
     objs = [scene.objects[i] for i in order]
     mentions = []
     for obj in objs:
-        keep_pair = split == "heldout" and (obj.colour, obj.shape) in HELDOUT  # the composition under test
-        mentions.append(Mention(
+        held = (obj.colour, obj.shape) in HELDOUT
+        keep_pair = split == "heldout" and held  # the composition under test
+        mention = Mention(
             shape=obj.shape if keep_pair or rng.random() < 0.85 else None,
             colour=obj.colour if keep_pair or rng.random() < 0.75 else None,
-            size=obj.size if rng.random() < 0.5 else None))
+            size=obj.size if rng.random() < 0.5 else None)
+        if split == "unpaired" and held and mention.shape is not None and mention.colour is not None:
+            mention = replace(mention, **{("colour", "shape")[int(rng.integers(2))]: None})  # never both
+        mentions.append(mention)
     phrases = [_noun_phrase(m) for m in mentions]
     relation = None
     if len(objs) == 2:

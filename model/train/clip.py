@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ from vqdiff.model.io.folder import save_text_encoder
 from vqdiff.model.net.text_encoder import TextEncoder, clip_config
 from vqdiff.model.net.tokenizer import caption_tokenizer
 from vqdiff.model.cli_args import add_fields, add_quiet, arg, from_args
-from vqdiff.model.train.common import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
+from vqdiff.model.train.common import (PROBE_STEPS, JsonLog, TimeBudget, batch_indices, load_checkpoint, save_checkpoint,
+                                       step_generator, warmup_cosine)
 
 DEFAULT_SWAP = ("left:right", "above:below", "top:bottom")
 
@@ -55,6 +56,11 @@ class CLIPTrainConfig:
     swap: tuple[str, ...] = arg(DEFAULT_SWAP, "comma-separated word pairs: a caption with one of them swapped is "
                                               "a hard negative ('' for none)", metavar="A:B,...")
     seed: int = arg(0, "the seed of the batch order and every draw")
+    device: str = arg("cpu", "cpu | cuda | cuda:N (batches and negatives are drawn on the CPU either way)")
+    precision: str = arg("fp32", "bf16: the forward under bf16 autocast; weights, optimizer and loss stay fp32",
+                         choices=("fp32", "bf16"))
+    time_budget_s: float | None = arg(None, "fit the run into this many seconds: after 50 timed steps it fixes "
+                                            "--steps (at most the given value) so that the cosine ends in time")
     log_every: int = arg(50, "steps between train.log records")
     ckpt_every: int = arg(250, "steps between checkpoints")
 
@@ -65,6 +71,10 @@ class CLIPTrainConfig:
                 raise ValueError(f"swap: {pair!r} is not allowed; expected two different lowercase words as 'a:b'")
         if self.batch_size < 2:
             raise ValueError(f"batch_size: {self.batch_size} is not allowed; a contrastive batch needs >= 2")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: {self.precision!r} is not allowed; expected 'fp32' or 'bf16'")
+        if self.time_budget_s is not None and not (self.time_budget_s > 0 and math.isfinite(self.time_budget_s)):
+            raise ValueError(f"time_budget_s: {self.time_budget_s} is not allowed; expected a number of seconds > 0")
 
 
 def swapped(caption: str, pairs: tuple[str, ...], pick: float) -> str | None:
@@ -131,14 +141,16 @@ def clip_loss(pair: CLIPPair, images: Tensor, ids: Tensor, neg_ids: Tensor, neg_
     img = pair.embed_images(images)  # (B, D)
     txt = pair.embed_text(torch.cat([ids, neg_ids]))  # (B + M, D)
     scale = pair.logit_scale.clamp(max=math.log(100)).exp()
-    logits = scale * img @ txt.T  # (B, B + M)
-    target = torch.arange(b)
+    logits = (scale * img @ txt.T).float()  # (B, B + M)
+    target = torch.arange(b, device=logits.device)
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target)) / 2
     with torch.no_grad():
-        stats = {"retrieval": (logits[:, :b].argmax(1) == target).float().mean().item()}
+        stats = {"retrieval": (logits[:, :b].argmax(1) == target).float().mean()}
         if neg_of.numel():
-            stats["beats_swap"] = (logits[neg_of, neg_of] > logits[neg_of, b + torch.arange(neg_of.numel())]).float().mean().item()
-    return loss, stats
+            neg_of = neg_of.to(logits.device)
+            own = logits[neg_of, neg_of]  # (M,)
+            stats["beats_swap"] = (own > logits[neg_of, b + torch.arange(neg_of.numel(), device=logits.device)]).float().mean()
+    return loss, stats  # the stats are 0-d tensors on the device: read them only when logging
 
 
 def load_images(data: ImageCaptionFolder) -> Tensor:
@@ -154,6 +166,7 @@ def build(cfg: CLIPTrainConfig, captions: list[str]) -> CLIPPair:
 
 
 def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
+    t_start = time.time()  # a time budget counts from here: loading is in it
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -165,8 +178,10 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
         raise ValueError(f"{cfg.data}: {len(captions)} images, fewer than batch_size {cfg.batch_size}")
     pair = build(cfg, captions)
     data = ImageCaptionFolder(cfg.data, from_name(cfg.preset).image_size, cache=False)
-    images = load_images(data)  # (n, 3, S, S) uint8
-    ids = pair.text_encoder.tokenize(captions)  # (n, L)
+    device = torch.device(cfg.device)
+    images = load_images(data).to(device)  # (n, 3, S, S) uint8
+    ids = pair.text_encoder.tokenize(captions).to(device)  # (n, L)
+    pair.to(device)
 
     opt = torch.optim.AdamW(pair.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, 0.0))  # cosine to 0
@@ -176,10 +191,14 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         step = ckpt["step"]
+        if ckpt.get("planned_steps") is not None and cfg.time_budget_s is None:
+            cfg = replace(cfg, steps=ckpt["planned_steps"])  # the length an interrupted budgeted run had fixed
+    planned = None
 
     log = JsonLog(out / "train.log")
     pair.train()
     t0 = time.time()
+    budget = TimeBudget(cfg.time_budget_s, t_start, step, PROBE_STEPS)
     bar = tqdm(total=cfg.steps, initial=step, desc="train clip", unit="step", disable=not progress)
     while step < cfg.steps:
         g = step_generator(cfg.seed, step)
@@ -188,8 +207,10 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
         negs = [(k, swapped(captions[i], cfg.swap, p)) for k, (i, p) in enumerate(zip(idx.tolist(), picks))]
         negs = [(k, s) for k, s in negs if s is not None]
         neg_of = torch.tensor([k for k, _ in negs], dtype=torch.long)  # (M,)
-        neg_ids = pair.text_encoder.tokenize([s for _, s in negs]) if negs else ids[:0]  # (M, L)
-        loss, stats = clip_loss(pair, images[idx].float() / 255, ids[idx], neg_ids, neg_of)
+        neg_ids = pair.text_encoder.tokenize([s for _, s in negs]).to(device) if negs else ids[:0]  # (M, L)
+        idx = idx.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, stats = clip_loss(pair, images[idx].float() / 255, ids[idx], neg_ids, neg_of)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
@@ -197,15 +218,27 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
         sched.step()
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"step": step, "loss": round(loss.item(), 5), **{k: round(v, 4) for k, v in stats.items()},
+        plan = budget.plan(step, cfg.steps, time.time())
+        if plan is not None:
+            planned = plan
+            cfg = replace(cfg, steps=planned)  # the schedule reads cfg.steps: the cosine now ends at `planned`
+            bar.total = planned
+            log.write({"step": step, "planned_steps": planned, "time_budget_s": cfg.time_budget_s,
+                       "elapsed_s": round(time.time() - t0, 1)})
+        over = budget.over(time.time())
+        if step % cfg.log_every == 0 or step == cfg.steps or over:
+            rec = {"step": step, "loss": round(loss.item(), 5), **{k: round(v.item(), 4) for k, v in stats.items()},
                    "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
             log.write(rec)
             bar.set_postfix(loss=rec["loss"], retrieval=rec["retrieval"])
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or over:
             save_text_encoder(pair.text_encoder, out)
             save_checkpoint({"step": step, "model": pair.state_dict(), "opt": opt.state_dict(),
-                             "sched": sched.state_dict(), "train_config": asdict(cfg)}, ckpt_path)
+                             "sched": sched.state_dict(), "planned_steps": planned, "train_config": asdict(cfg)},
+                            ckpt_path)
+        if over and step < cfg.steps:
+            log.write({"step": step, "stopped": "time budget spent", "elapsed_s": round(time.time() - t0, 1)})
+            break
     bar.close()
     log.close()
     return out

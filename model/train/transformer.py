@@ -35,7 +35,8 @@ from vqdiff.model.net.pipeline import VQDiffusion
 from vqdiff.model.net.text_encoder import text_encoder_config
 from vqdiff.model.net.tokenizer import caption_tokenizer
 from vqdiff.model.cli_args import add_fields, add_quiet, arg, from_args, help_of
-from vqdiff.model.train.common import JsonLog, batch_indices, load_checkpoint, save_checkpoint, step_generator, warmup_cosine
+from vqdiff.model.train.common import (PROBE_STEPS, JsonLog, TimeBudget, batch_indices, load_checkpoint, save_checkpoint,
+                                       step_generator, warmup_cosine)
 from vqdiff.model.train.loss import ImportanceSampler, training_loss
 
 NULL_MODES = ("learnable", "empty", "none")
@@ -97,17 +98,6 @@ class TransformerTrainConfig:
 def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
     """Learning rate / cfg.lr at ``step``: linear warmup, then constant or cosine down to min_lr."""
     return warmup_cosine(step, cfg.warmup, cfg.steps, None if cfg.min_lr is None else cfg.min_lr / cfg.lr)
-
-
-PROBE_STEPS = 50  # steps timed before a time-budgeted run fixes its length
-
-
-def budgeted_steps(cfg: TransformerTrainConfig, step: int, elapsed_s: float, s_per_step: float) -> int:
-    """The step a run with ``cfg.time_budget_s`` ends at: as many steps as the budget's remaining
-    seconds allow at the measured pace (a 5% margin for checkpoints), never more than cfg.steps and
-    never fewer than ``step``. The learning-rate schedule then decays to min_lr at that step."""
-    left = cfg.time_budget_s - elapsed_s
-    return max(step, min(cfg.steps, step + int(0.95 * left / s_per_step)))
 
 
 @torch.no_grad()
@@ -243,7 +233,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     model.train()
     model.vqvae.eval()
     t0, seen = time.time(), 0.0
-    start, t_half = step, t0  # t_half: when the probe's timed second half began
+    budget = TimeBudget(cfg.time_budget_s, t_start, step, PROBE_STEPS)
     bar = tqdm(total=cfg.steps, initial=step, desc="train transformer", unit="step", disable=not progress)
     while step < cfg.steps:
         g = step_generator(cfg.seed, step)
@@ -275,18 +265,14 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         step += 1
         seen += b
         bar.update(1)
-        if cfg.time_budget_s is not None and step == start + PROBE_STEPS // 2:
-            t_half = time.time()
-        if cfg.time_budget_s is not None and step == start + PROBE_STEPS:
-            # the first steps carry start-up costs; the pace is measured over the last half of the probe
-            now = time.time()
-            planned = budgeted_steps(cfg, step, now - t_start, (now - t_half) / (PROBE_STEPS // 2))
+        plan = budget.plan(step, cfg.steps, time.time())
+        if plan is not None:
+            planned = plan
             cfg = replace(cfg, steps=planned)  # lr_factor reads cfg.steps: the cosine now ends at `planned`
             bar.total = planned
             log.write({"step": step, "planned_steps": planned, "time_budget_s": cfg.time_budget_s,
                        "elapsed_s": round(time.time() - t0, 1)})
-        # the pace can drop after the plan (other work on the device): the budget is a hard stop too
-        over = cfg.time_budget_s is not None and time.time() - t_start > cfg.time_budget_s
+        over = budget.over(time.time())
         if step % cfg.log_every == 0 or step == cfg.steps or over:
             with torch.no_grad():
                 masked = x_t == c.mask_id

@@ -124,3 +124,42 @@ def test_cutting_the_padding_leaves_the_text_embedding_unchanged(data, tmp_path)
         full = torch.nn.functional.normalize(pair.text_proj(pair.text_encoder.clip(input_ids=ids).pooler_output), dim=-1)
         assert torch.allclose(pair.embed_text(ids), full, atol=1e-6)
         assert not torch.allclose(pair.embed_text(ids[:1]), full[1:], atol=1e-3)
+
+
+def test_a_time_budget_fixes_the_clip_run_length_and_the_cosine_ends_there(data, tmp_path, monkeypatch):
+    import vqdiff.model.train.clip as tc
+
+    monkeypatch.setattr(tc, "PROBE_STEPS", 4)
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(tc.time, "time", lambda: float(next(clock)))  # each call advances one "second"
+    out = train_clip(_cfg(data, tmp_path / "b", steps=500, time_budget_s=60.0, log_every=1, ckpt_every=1000),
+                     progress=False)
+    log = [json.loads(x) for x in (out / "train.log").read_text().splitlines()]
+    plan = [r for r in log if "planned_steps" in r]
+    assert len(plan) == 1 and plan[0]["step"] == 4
+    planned = plan[0]["planned_steps"]
+    assert 4 < planned < 500
+    assert [r["step"] for r in log if "loss" in r][-1] == planned  # ended where it planned to ...
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # ... with the cosine at its floor
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["planned_steps"] == planned == ckpt["step"]
+    with pytest.raises(ValueError, match="time_budget_s"):
+        _cfg(data, tmp_path / "x", time_budget_s=-1.0)
+    with pytest.raises(ValueError, match="precision"):
+        _cfg(data, tmp_path / "x", precision="fp16")
+
+
+def test_bf16_autocast_trains(data, tmp_path):
+    out = train_clip(_cfg(data, tmp_path / "bf16", precision="bf16"), progress=False)
+    log = [json.loads(x) for x in (out / "train.log").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
+    assert all(v.dtype == torch.float32 for v in load_text_encoder(out).clip.state_dict().values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_clip_training_draws_the_cpu_batches_and_matches_the_cpu_loss(data, tmp_path):
+    losses = {}
+    for device in ("cpu", "cuda"):
+        out = train_clip(_cfg(data, tmp_path / device, device=device), progress=False)
+        losses[device] = [json.loads(x)["loss"] for x in (out / "train.log").read_text().splitlines()]
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-3)

@@ -202,12 +202,17 @@ def test_a_resumed_run_reuses_its_tokens_unless_the_images_or_vqvae_change(run, 
 
 
 def test_budgeted_steps_fit_the_time_left():
-    from vqdiff.model.train.transformer import budgeted_steps
+    from vqdiff.model.train.common import TimeBudget, budgeted_steps
 
-    cfg = TransformerTrainConfig(data="d", out="o", vqvae="v", steps=10_000, time_budget_s=100.0)
-    assert budgeted_steps(cfg, 50, elapsed_s=10.0, s_per_step=0.1) == 50 + int(0.95 * 90 / 0.1)
-    assert budgeted_steps(cfg, 50, elapsed_s=10.0, s_per_step=0.001) == 10_000  # never beyond --steps
-    assert budgeted_steps(cfg, 50, elapsed_s=150.0, s_per_step=0.1) == 50  # over budget: stop now
+    assert budgeted_steps(100.0, 10_000, 50, elapsed_s=10.0, s_per_step=0.1) == 50 + int(0.95 * 90 / 0.1)
+    assert budgeted_steps(100.0, 10_000, 50, elapsed_s=10.0, s_per_step=0.001) == 10_000  # never beyond --steps
+    assert budgeted_steps(100.0, 10_000, 50, elapsed_s=150.0, s_per_step=0.1) == 50  # over budget: stop now
+    # the plan comes once, at the probe's end, at the pace of its second half (the first holds start-up costs)
+    budget = TimeBudget(100.0, t_start=0.0, start_step=0, probe=4)
+    assert [budget.plan(s, 10_000, now) for s, now in ((1, 5.0), (2, 6.0), (3, 6.1))] == [None, None, None]
+    assert budget.plan(4, 10_000, 6.2) == 4 + int(0.95 * (100 - 6.2) / 0.1)
+    assert budget.plan(5, 10_000, 6.3) is None and not budget.over(100.0) and budget.over(100.5)
+    assert TimeBudget(None, 0.0, 0).plan(50, 10, 1.0) is None and not TimeBudget(None, 0.0, 0).over(1e9)
     with pytest.raises(ValueError, match="time_budget_s"):
         TransformerTrainConfig(data="d", out="o", vqvae="v", time_budget_s=0.0)
 

@@ -58,6 +58,24 @@ def test_heldout_pairs_only_in_heldout_split():
         assert (stated.mentions[0].colour, stated.mentions[0].shape) in HELDOUT, text
 
 
+def test_unpaired_split_draws_heldout_pairs_but_never_names_one():
+    """"unpaired": held-out pairs are in the images, but a caption names the colour or the shape of
+    such an object, never both; "all" names them. The train split's stream is unchanged by either."""
+    drawn, named_pair = 0, 0
+    for i in range(1500):
+        _, text, stated, scene = generate(i, split="unpaired")
+        for m in stated.mentions:
+            assert (m.colour, m.shape) not in HELDOUT, (i, text)
+        drawn += sum((o.colour, o.shape) in HELDOUT for o in scene.objects)
+        named_pair += sum(f"{c} {s}" in text for c, s in HELDOUT)
+    assert named_pair == 0 and drawn > 300  # ~1/6 of the objects are held-out pairs
+    named_all = sum(any((m.colour, m.shape) in HELDOUT for m in generate(i, split="all")[2].mentions) for i in range(500))
+    assert named_all > 50
+    assert generate(3)[1] == generate(3, split="train")[1]
+    with pytest.raises(ValueError, match="split"):
+        generate(0, split="test")
+
+
 def test_parser_exact_on_rendered_images():
     """Every rendered image reads as its own scene: the grader is exact where nothing degrades it."""
     wrong = [i for i in range(300) if not reads_as(*(lambda g: (g[0], g[3], g[2]))(generate(i, seed=1)))]

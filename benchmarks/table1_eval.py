@@ -1,0 +1,162 @@
+"""Table 1 of the paper with standard errors: evaluate its models at several guidance scales and
+prompt sets, then summarise the replicates.
+
+    # one model, every g and prompt seed, one JSON line per (g, prompt seed, kind):
+    python benchmarks/table1_eval.py eval --model RUN/learnable_s0/model --setting "learnable null" \
+        --replicate 0 --uncond null --g 1,2,3,5 --prompt-seeds 0 --out t1.jsonl [--device cuda]
+    # the table: mean +- standard error over replicates, and the paper's orderings tested
+    python benchmarks/table1_eval.py summary t1.jsonl [more.jsonl ...]
+
+A replicate is one (fine-tune seed, prompt set) pair: replicate k of a fine-tuned setting is the
+fine-tune of training seed k, evaluated on prompt seed k; the base (one model) is evaluated on
+the same prompt seeds. So a cell's spread holds both the training and the prompt noise, and
+differences between settings are paired by k (same prompts).
+
+Every evaluation is ``vqdiff eval``'s (model/shapes/evaluate.py): ``--n`` prompts of one and of two
+objects, ``--samples`` images each, the purity sampler at ``--steps`` forwards, truncation 1.0,
+the features net's FD when models/features is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = ("fidelity", "quality", "diversity", "fd")
+ORDER = ("zero-shot", "null text", "learnable null")  # the paper: each better than the one before
+
+
+def evaluate_model(args: argparse.Namespace) -> None:
+    from vqdiff.model.io.default import FEATURES
+    from vqdiff.model.io.folder import load_model
+    from vqdiff.model.sampling.sampler import request_params
+    from vqdiff.model.shapes.evaluate import evaluate
+    from vqdiff.model.shapes.features import load_features
+
+    model = load_model(args.model, device=args.device)
+    features = load_features(FEATURES) if (FEATURES / "config.json").is_file() else None
+    with open(args.out, "a") as out:
+        for g in (float(x) for x in args.g.split(",")):
+            params = request_params(model, {"sampler": "purity", "steps": args.steps, "guidance_scale": g,
+                                            "truncation_rate": 1.0, "uncond": args.uncond})
+            for seed in (int(x) for x in args.prompt_seeds.split(",")):
+                for kind in args.kind.split(","):
+                    r = evaluate(model, kind, "train", args.n, args.samples, params, seed=seed, features=features)
+                    row = {"setting": args.setting, "replicate": args.replicate if args.replicate is not None else seed,
+                           "g": g, "prompt_seed": seed, "kind": kind, "n": args.n, "samples": args.samples,
+                           "steps": args.steps, "model": str(args.model),
+                           **{m: r[m] for m in METRICS if m in r}}
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+                    print(json.dumps(row), flush=True)
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan with fewer than two values)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, math.nan
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for p in paths:
+        for n, line in enumerate(Path(p).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not a JSON line ({e})") from None
+    return rows
+
+
+def cells(rows: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """(setting, g, kind) -> replicate -> row; a (setting, g, kind, replicate) given twice fails."""
+    out: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        key = (r["setting"], r["g"], r["kind"])
+        if r["replicate"] in out[key]:
+            raise ValueError(f"{key} replicate {r['replicate']} appears twice")
+        out[key][r["replicate"]] = r
+    return out
+
+
+def fmt(m: float, se: float, digits: int = 3) -> str:
+    return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def summary(rows: list[dict]) -> str:
+    """The table (mean ± SE over replicates per cell) and the paired differences between settings."""
+    table = cells(rows)
+    kinds = sorted({k for _, _, k in table})
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    lines = []
+    for kind in kinds:
+        lines += [f"### {kind}", "", "| setting | g | replicates | " + " | ".join(METRICS) + " |",
+                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |"]
+        for s in settings:
+            for g in sorted({g for s2, g, k in table if s2 == s and k == kind}):
+                reps = table[(s, g, kind)]
+                vals = [fmt(*mean_se([r[m] for r in reps.values()]), 2 if m == "fd" else 3)
+                        if all(m in r for r in reps.values()) else "-" for m in METRICS]
+                lines.append(f"| {s} | {g:g} | {len(reps)} | " + " | ".join(vals) + " |")
+        lines.append("")
+    lines += ["### The paper's orderings: paired differences (later minus earlier, mean ± SE over replicates)", "",
+              "A difference is beyond the noise when |mean| > 2 SE; FD is better when lower.", "",
+              "| kind | g | pair | " + " | ".join(METRICS) + " |", "| --- | ---: | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+    present = [s for s in ORDER if s in settings]
+    for kind in kinds:
+        for g in sorted({g for _, g, k in table if k == kind}):
+            for i, a in enumerate(present):
+                for b in present[i + 1:]:
+                    ra, rb = table.get((a, g, kind), {}), table.get((b, g, kind), {})
+                    common = sorted(set(ra) & set(rb))
+                    if not common:
+                        continue
+                    vals = []
+                    for m in METRICS:
+                        if not all(m in ra[k] and m in rb[k] for k in common):
+                            vals.append("-")
+                            continue
+                        d, se = mean_se([rb[k][m] - ra[k][m] for k in common])
+                        better = (d < 0) if m == "fd" else (d > 0)
+                        beyond = not math.isnan(se) and abs(d) > 2 * se
+                        vals.append(fmt(d, se, 2 if m == "fd" else 3) + (" **" + ("better" if better else "worse") + "**"
+                                                                          if beyond else ""))
+                    lines.append(f"| {kind} | {g:g} | {b} vs {a} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval", help="evaluate one model; appends JSON lines to --out")
+    e.add_argument("--model", required=True)
+    e.add_argument("--setting", required=True, help="its row name: no guidance | zero-shot | null text | learnable null")
+    e.add_argument("--replicate", type=int, default=None, help="its replicate index (default: the prompt seed)")
+    e.add_argument("--uncond", default="empty", choices=("empty", "null"))
+    e.add_argument("--g", default="2,3,5")
+    e.add_argument("--prompt-seeds", default="0")
+    e.add_argument("--kind", default="one,two")
+    e.add_argument("--n", type=int, default=100)
+    e.add_argument("--samples", type=int, default=2)
+    e.add_argument("--steps", type=int, default=16)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", required=True)
+    s = sub.add_parser("summary", help="the table of JSON lines files")
+    s.add_argument("files", nargs="+")
+    args = ap.parse_args(argv)
+    if args.cmd == "eval":
+        evaluate_model(args)
+    else:
+        print(summary(read_rows(args.files)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

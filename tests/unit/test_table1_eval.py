@@ -1,0 +1,51 @@
+"""benchmarks/table1_eval.py: Table 1's summary (mean ± standard error over replicates, paired
+differences between settings) from JSON lines, and one real evaluation of a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import table1_eval as t1  # noqa: E402
+
+
+def _row(setting, replicate, g, fidelity, kind="one", fd=5.0):
+    return {"setting": setting, "replicate": replicate, "g": g, "kind": kind, "fidelity": fidelity,
+            "quality": 0.5, "diversity": 1.0, "fd": fd}
+
+
+def test_mean_se():
+    m, se = t1.mean_se([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and se == pytest.approx(0.1 / math.sqrt(3))
+    assert math.isnan(t1.mean_se([0.4])[1])
+
+
+def test_summary_pairs_replicates_and_marks_differences_beyond_two_se():
+    rows = [_row("zero-shot", k, 2.0, f) for k, f in enumerate((0.40, 0.42, 0.38))]
+    rows += [_row("null text", k, 2.0, f, fd=4.0) for k, f in enumerate((0.50, 0.53, 0.49))]  # +0.107, tight
+    rows += [_row("learnable null", k, 2.0, f, fd=4.0 + k) for k, f in enumerate((0.55, 0.48, 0.51))]  # mixed
+    text = t1.summary(rows)
+    assert "| null text | 2 | 3 | 0.507 ± 0.012 |" in text
+    pair = next(line for line in text.splitlines() if "| null text vs zero-shot |" in line)
+    assert "0.107 ± 0.003 **better**" in pair and "-1.00 ± 0.00 **better**" in pair  # FD: lower is better
+    mixed = next(line for line in text.splitlines() if "| learnable null vs null text |" in line)
+    assert "**" not in mixed.split("|")[4]  # fidelity: +0.007 with a spread larger than that
+    with pytest.raises(ValueError, match="twice"):
+        t1.summary(rows + [_row("zero-shot", 0, 2.0, 0.1)])
+
+
+def test_eval_writes_one_line_per_g_seed_and_kind(tmp_path):
+    out = tmp_path / "t1.jsonl"
+    root = Path(__file__).resolve().parents[2]
+    t1.main(["eval", "--model", str(root / "models" / "default"), "--setting", "learnable null", "--replicate", "2",
+             "--uncond", "null", "--g", "1,3", "--prompt-seeds", "4", "--kind", "one", "--n", "3", "--samples", "2",
+             "--steps", "2", "--out", str(out)])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["g"], r["prompt_seed"], r["kind"], r["replicate"]) for r in rows] == [(1.0, 4, "one", 2), (3.0, 4, "one", 2)]
+    assert all(0.0 <= r["fidelity"] <= 1.0 and 0.0 < r["diversity"] <= 1.0 and r["fd"] > 0 for r in rows)
