@@ -110,7 +110,7 @@ def main() -> None:
     print("state at the shape's position in 'a {colour} {shape}': cosine to the seen colours' mean (leave-one-out)")
     print(f"{'shape':<9} {'held-out colour':<16} {'held-out':>8} {'seen min':>8} {'seen mean':>9}")
     for shape, colour, cos, lo, mean in contamination(te):
-        print(f"{shape:<9} {colour:<16} {cos:8.3f} {lo:8.3f} {mean:9.3f}")
+        print(f"{shape:<9} {colour:<16} {cos:8.4f} {lo:8.4f} {mean:9.4f}")
 
     params = default_params(model)
     forward = te.forward

@@ -1,145 +1,205 @@
 #!/usr/bin/env bash
-# The default model's GPU trainings and Table 1, in ONE run of under 10 minutes on a GPU machine. Trainings share the GPU (each
-# process is bound by its own host work, so running several costs little: docs/BENCHMARKS.md), each
-# with a time budget (`--time-budget-s`: the run fixes its length after 50 timed steps so that its
-# cosine tail ends in time, and stops at the budget whatever happens). $RUNS picks the new models:
-#   joint       a fresh transformer + jointly trained text encoder on place-rich captions (batch 256)
-#   clipfrozen  the same, conditioned on the CLIP-pretrained text encoder (`vqdiff train clip`), frozen
-#   clipinit    the same, starting from that text encoder and training it
-#   more        models/default trained on (lr 3e-4, cosine to 2e-5); more_s1 the same on other batches
-#               (--seed 1), more_lo at lr 1.5e-4
-# and, unless TABLE1=0, Table 1's protocol (benchmarks/table1.sh): a base without a null condition
-# (batch $T1_BATCH, starting from the CLIP-pretrained text encoder like the default model), its two
-# null-condition fine-tunes, then the ten evaluations (16 forwards, as table1.sh).
-# Then `vqdiff eval` of the new models, and their weights (fp16, without the VQVAE) to $OUT, one
-# NAME.tgz each. Keep RUNS to four names at most (eight result files in all).
-# Commit 7184a13 ran RUNS="joint clipfrozen clipinit" T1_BATCH=64 T1_TEXT= BASE_BUDGET=190 FT_BUDGET=100;
-# commit 44176ea RUNS="more more_s1 more_lo" with the defaults. RUNS= (empty) runs Table 1 alone.
+# Table 1 with standard errors and the composition levers, in ONE run of under 10 minutes on a GPU
+# machine. Nothing is carried beside the tree: the VQVAE is models/default/vqvae, and the
+# CLIP-pretrained text encoders are trained here first (`vqdiff train clip --device cuda`).
 #
-# Carried in $CARRY (default .carry, ignored by git): vq3/ (the VQVAE folder the runs start from) and
-# clip1/ (text_encoder/ and tokenizer/ of `vqdiff train clip`). Needs python3 with torch (CUDA),
-# transformers, safetensors, pillow, tqdm: a GPU machine's image usually has them. From the repository root:
+#   1. data: `placed` (the default model's training set: train split, place-rich captions), and for
+#      the levers `all60k` (split all: held-out pairs named too, for a text encoder) and `unpaired`
+#      (held-out pairs in images, never named in a caption);
+#   2. text encoders, side by side: clip_train on `placed` (the recipe of the default's clip1, on
+#      120k images instead of its 60k), and, when RUNS has clipall, clip_all on `all60k`;
+#   3. Table 1 (TABLE1=1): a base with no null condition (`--null-mode none`, batch $BASE_BATCH, as
+#      many images as the default saw when the budget allows: 9072 x 256), then FT_SEEDS x {null text,
+#      learnable null} fine-tunes of EQUAL steps ($FT_STEPS, batch $FT_BATCH; training seed k), then
+#      benchmarks/table1_eval.py: no guidance (the base, g = 1), zero-shot (the base, g = 2, 3, 5) on
+#      prompt seeds $FT_SEEDS, and each fine-tune k at g = 1, 2, 3, 5 on prompt seed k;
+#   4. the composition runs of $RUNS, beside the base (each with --time-budget-s $BASE_BUDGET):
+#        unp      models/default trained on `unpaired` (lr 1.5e-4, cosine to 2e-5): the data lever
+#        unp_hi   the same at lr 3e-4
+#        clipall  the base's recipe with clip_all for clip_train: a text encoder pretrained on every
+#                 pair, then trained on with the transformer on `placed` (the pairs stay out of the
+#                 generator's captions); compared with the base at g = 1 on held-out and train prompts
+#      and `vqdiff eval` of each (held-out and train prompts; unp*: the default sampler, prompt seeds 1
+#      (choice) and 0 (reported); clipall: with the base, g = 1, 16 forwards, table1_eval);
+#   5. to $OUT (at most 8 files come back): env.txt, timeline.txt, table1.jsonl, table1.md,
+#      evals.txt, logs.tgz, and the first unp* model (fp16, no VQVAE: NAME.tgz).
+# From the repository root, on the GPU machine:
 #     OUT=/tmp/gpu_train bash benchmarks/gpu_train.sh
-# .carry (in .git/info/exclude): cp -r vq3/vqvae .carry/vq3; mkdir .carry/clip1; cp -r clip1/text_encoder
-# clip1/tokenizer .carry/clip1 (the run folders of the commands in models/default/README.md).
-# A CPU rehearsal: DEVICE=cpu N=600 BATCH=16 BUDGET=60 BASE_BUDGET=25 FT_BUDGET=15 EVAL_N=4 TOTAL=240 ...
+# A CPU rehearsal (about 12 minutes on 2 cores):
+#     DEVICE=cpu N=800 N_ALL=400 N_UNP=800 WORKERS=2 CLIP_STEPS=20 CLIP_BATCH=32 BASE_BATCH=16 BASE_BUDGET=60 \
+#       FT_STEPS=4 FT_BATCH=16 EVAL_N=3 EVAL_BATCH=64 TOTAL=900 OUT=/tmp/gpu_train_cpu bash benchmarks/gpu_train.sh
+# Commits 7184a13 and 44176ea ran this script's earlier form (runs joint, clipfrozen, clipinit, more,
+# more_s1, more_lo, carried VQVAE and text encoder); docs/RESULTS.md has their results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_train}
-CARRY=${CARRY:-.carry}
 WORK=${WORK:-/tmp/gpu_train}
-N=${N:-120000}            # images of the place-rich dataset, drawn by $WORKERS processes
-WORKERS=${WORKERS:-12}
-BATCH=${BATCH:-256}
-BUDGET=${BUDGET:-400}     # seconds for each of the three new transformers (loading and tokenizing included)
-RUNS=${RUNS-more}        # may be empty: Table 1 alone
-TABLE1=${TABLE1:-1}
-T1_BATCH=${T1_BATCH:-256}
-T1_TEXT=${T1_TEXT-$CARRY/clip1}  # empty: a jointly trained text encoder
-BASE_BUDGET=${BASE_BUDGET:-270}
-FT_BUDGET=${FT_BUDGET:-110}
-FT_STEPS=${FT_STEPS:-100000}  # equal fine-tune lengths: set it below what FT_BUDGET fits (~800 steps in 110 s)
-EVAL_N=${EVAL_N:-100}
-TOTAL=${TOTAL:-575}       # the whole script's deadline in seconds; evaluations are cut to fit it
 DEVICE=${DEVICE:-cuda}
+N=${N:-120000}             # images of `placed`
+N_ALL=${N_ALL:-60000}      # images of `all60k` (clip_all's data; clip1 saw 60k)
+N_UNP=${N_UNP:-60000}      # images of `unpaired`
+WORKERS=${WORKERS:-14}
+RUNS=${RUNS-clipall}       # may be empty: Table 1 alone
+TABLE1=${TABLE1:-1}
+CLIP_STEPS=${CLIP_STEPS:-1500}
+CLIP_BATCH=${CLIP_BATCH:-256}
+CLIP_BUDGET=${CLIP_BUDGET:-90}   # loading 120k images is in it
+BASE_BATCH=${BASE_BATCH:-1024}
+BASE_LR=${BASE_LR:-8e-4}
+BASE_BUDGET=${BASE_BUDGET:-240}
+FT_STEPS=${FT_STEPS:-500}  # every fine-tune the same steps (a budget of FT_BUDGET is only a hard stop)
+FT_BATCH=${FT_BATCH:-256}
+FT_BUDGET=${FT_BUDGET:-110}
+FT_SEEDS=${FT_SEEDS:-0 1 2}
+EVAL_N=${EVAL_N:-100}
+EVAL_BATCH=${EVAL_BATCH:-512}
+TOTAL=${TOTAL:-575}        # the whole script's deadline in seconds; evaluations are cut to fit it
 PY=${PYTHON:-python3}
 VQ="$PY -m vqdiff.cli"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=2
+VQVAE=models/default/vqvae
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
 T0=$SECONDS
 stamp() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/timeline.txt"; }
 left() { echo $((T0 + TOTAL - SECONDS - ${1:-0})); }  # seconds left before the deadline, minus a reserve
+has() { [[ " $RUNS " == *" $1 "* ]]; }
+for j in $RUNS; do
+  case $j in unp|unp_hi|clipall) ;; *) echo "gpu_train: unknown run $j (unp, unp_hi, clipall)"; exit 2 ;; esac
+done
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')"
+  git log -1 --format='commit %H %cd' 2>/dev/null
 } | tee "$OUT/env.txt"
-for f in "$CARRY/vq3/config.json" "$CARRY/clip1/text_encoder/config.json" "$CARRY/clip1/tokenizer/vocab.json"; do
-  [[ -f $f ]] || { echo "gpu_train: $f is missing (see the header)"; exit 2; }
-done
-
 rm -rf "$WORK" && mkdir -p "$WORK"
-stamp "the trainer's CUDA test, and the dataset ($N images, $WORKERS workers)"
-( $PY -m pytest -q -p no:cacheprovider tests/integration/test_train_transformer.py -k cuda >"$WORK/cuda_test.out" 2>&1; echo "exit $?" >>"$WORK/cuda_test.out" ) &
-DATA=$WORK/placed
-$VQ data shapes "$DATA" --n "$N" --workers "$WORKERS" --place-rate 1.0 --place-rate-many 0.6 --quiet || exit 1
-wait  # the CUDA test
-cat "$WORK/cuda_test.out"
-stamp "dataset written; training"
 
-common=(--data "$DATA" --device "$DEVICE" --precision bf16 --steps 100000 --batch-size "$BATCH" --lr 8e-4 --warmup 500
-        --min-lr 2e-5 --ckpt-every 1000 --log-every 100 --time-budget-s "$BUDGET" --quiet)  # later flags win
+stamp "data, and the trainers' CUDA tests"
+( $PY -m pytest -q -p no:cacheprovider tests/integration/test_train_transformer.py tests/integration/test_train_clip.py \
+    -k cuda >"$WORK/cuda_test.out" 2>&1; echo "exit $?" >>"$WORK/cuda_test.out" ) &
+TESTS=$!
+data() {  # folder, n, split, workers
+  $VQ data shapes "$WORK/$1" --n "$2" --split "$3" --workers "$4" --place-rate 1.0 --place-rate-many 0.6 --quiet \
+    >"$WORK/data_$1.out" 2>&1 || { echo "gpu_train: data $1 failed"; cat "$WORK/data_$1.out"; exit 1; }
+}
+w_unp=0 w_all=0
+{ has unp || has unp_hi; } && w_unp=$((WORKERS / 3 > 0 ? WORKERS / 3 : 1))
+has clipall && w_all=$((WORKERS / 6 + 1))
+w_placed=$((WORKERS - w_unp - w_all > 0 ? WORKERS - w_unp - w_all : 1))
+data placed "$N" train "$w_placed" &
+D_PLACED=$!
+D_OTHER=()
+((w_all > 0)) && { data all60k "$N_ALL" all "$w_all" & D_OTHER+=($!); }
+((w_unp > 0)) && { data unpaired "$N_UNP" unpaired "$w_unp" & D_OTHER+=($!); }
+wait $D_PLACED || exit 1
+stamp "placed written"
+
+clip() {  # name, data
+  $VQ train clip --data "$WORK/$2" --out "$WORK/$1" --device "$DEVICE" --precision bf16 --steps "$CLIP_STEPS" \
+    --batch-size "$CLIP_BATCH" --lr 5e-4 --warmup 100 --time-budget-s "$CLIP_BUDGET" --ckpt-every 100000 \
+    --log-every 100 --quiet >"$WORK/$1.out" 2>&1
+}
+clip clip_train placed &
+C_TRAIN=$!
+for p in "${D_OTHER[@]}"; do wait "$p" || exit 1; done
+has clipall && { clip clip_all all60k || echo "gpu_train: clip_all failed"; tail -3 "$WORK/clip_all.out"; }
+wait $C_TRAIN || { echo "gpu_train: clip_train failed"; tail -5 "$WORK/clip_train.out"; exit 1; }
+wait $TESTS
+cat "$WORK/cuda_test.out"
+stamp "text encoders trained: $(tail -qn1 "$WORK"/clip_*/train.log | tr '\n' ' ')"
+
+base() {  # name, text encoder, extra flags
+  $VQ train transformer --data "$WORK/placed" --vqvae "$VQVAE" --text-encoder "$WORK/$2" --out "$WORK/$1" \
+    --device "$DEVICE" --precision bf16 --steps $((9072 * 256 / BASE_BATCH)) --batch-size "$BASE_BATCH" --lr "$BASE_LR" \
+    --warmup 500 --min-lr 2e-5 --time-budget-s "$BASE_BUDGET" --ckpt-every 100000 --log-every 100 --quiet "${@:3}" \
+    >"$WORK/$1.out" 2>&1
+}
 declare -A PID
-for j in $RUNS; do
-  case $j in
-    joint) args=(--vqvae "$CARRY/vq3") ;;
-    clipfrozen) args=(--vqvae "$CARRY/vq3" --text-encoder "$CARRY/clip1" --freeze-text) ;;
-    clipinit) args=(--vqvae "$CARRY/vq3" --text-encoder "$CARRY/clip1") ;;
-    more) args=(--init models/default --lr 3e-4 --warmup 200) ;;
-    more_s1) args=(--init models/default --lr 3e-4 --warmup 200 --seed 1) ;;  # other batches: a second draw
-    more_lo) args=(--init models/default --lr 1.5e-4 --warmup 200 --seed 2) ;;
-    *) echo "gpu_train: unknown run $j"; exit 2 ;;
-  esac
-  $VQ train transformer "${common[@]}" "${args[@]}" --out "$WORK/$j" >"$WORK/$j.out" 2>&1 &
+[[ $TABLE1 == 1 ]] && { base base clip_train --null-mode none & PID[base]=$!; }
+has clipall && { base clipall clip_all --null-mode none & PID[clipall]=$!; }
+for j in unp unp_hi; do
+  has $j || continue
+  lr=$([[ $j == unp ]] && echo 1.5e-4 || echo 3e-4)
+  $VQ train transformer --data "$WORK/unpaired" --init models/default --out "$WORK/$j" --device "$DEVICE" \
+    --precision bf16 --steps 100000 --batch-size 256 --lr "$lr" --warmup 200 --min-lr 2e-5 \
+    --time-budget-s "$BASE_BUDGET" --ckpt-every 100000 --log-every 100 --quiet >"$WORK/$j.out" 2>&1 &
   PID[$j]=$!
 done
+for j in "${!PID[@]}"; do
+  wait "${PID[$j]}"
+  stamp "$j: exit $? ($(tail -n1 "$WORK/$j/train.log" 2>/dev/null))"
+done
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$OUT/timeline.txt" 2>&1
 
-eval_model() {  # name, model, seconds, extra eval flags
-  if (($3 < 10)); then echo "(eval $1: skipped, $3 s left before the deadline)" >"$WORK/eval_$1.txt"; return; fi
+t1eval() {  # seconds, table1_eval eval flags
+  if (($1 < 10)); then echo "(table1_eval ${*:2}: skipped, $1 s left)" >>"$WORK/eval_skipped.txt"; return; fi
+  timeout "$1" $PY benchmarks/table1_eval.py eval --device "$DEVICE" --n "$EVAL_N" --batch "$EVAL_BATCH" "${@:2}" \
+    >>"$WORK/t1eval.out" 2>&1 || echo "(table1_eval ${*:2}: exit $?)" >>"$WORK/eval_skipped.txt"
+}
+vqeval() {  # name, model, seconds, vqdiff eval flags
+  if (($3 < 10)); then echo "(eval $1: skipped, $3 s left)" >"$WORK/eval_$1.txt"; return; fi
   timeout "$3" $VQ eval --model "$2" --device "$DEVICE" --kind one,two --n "$EVAL_N" --quiet "${@:4}" \
     >"$WORK/eval_$1.txt" 2>&1 || echo "(eval $1: exit $?)" >>"$WORK/eval_$1.txt"
 }
-[[ $TABLE1 == 1 ]] && (
-  T1=$WORK/table1
-  $VQ train transformer --data "$DATA" --vqvae "$CARRY/vq3" ${T1_TEXT:+--text-encoder "$T1_TEXT"} --out "$T1/base" \
-    --device "$DEVICE" --steps 100000 --batch-size "$T1_BATCH" --precision bf16 --lr 8e-4 --warmup 500 --min-lr 2e-5 \
-    --null-mode none --time-budget-s "$BASE_BUDGET" --ckpt-every 1000 --log-every 100 --quiet >"$T1.base.out" 2>&1
-  stamp "table1: base done"
-  for mode in empty learnable; do
-    $VQ train null-cond --data "$DATA" --model "$T1/base/model" --out "$T1/$mode" --device "$DEVICE" --steps "$FT_STEPS" \
-      --precision bf16 --null-mode $mode --time-budget-s "$FT_BUDGET" --ckpt-every 500 --log-every 100 --quiet >"$T1.$mode.out" 2>&1 &
+# the composition runs' evaluations go on while the fine-tunes train
+s=$(left 60)
+for j in unp unp_hi; do
+  has $j && [[ -d $WORK/$j/model ]] || continue
+  for seed in 1 0; do
+    for split in heldout train; do
+      vqeval "$j.$split.seed$seed" "$WORK/$j/model" "$s" --split $split --seed $seed &
+    done
   done
-  wait
-  stamp "table1: fine-tunes done; evaluating"
-  s=$(left 40)
-  eval_model t1_none "$T1/base/model" "$s" --steps 16 --samples 2 --guidance-scale 1 --uncond empty &
-  for g in 2 3 5; do
-    eval_model t1_zero_g$g "$T1/base/model" "$s" --steps 16 --samples 2 --guidance-scale $g --uncond empty &
-    eval_model t1_text_g$g "$T1/empty/model" "$s" --steps 16 --samples 2 --guidance-scale $g --uncond empty &
-    eval_model t1_learn_g$g "$T1/learnable/model" "$s" --steps 16 --samples 2 --guidance-scale $g --uncond null &
+done
+if has clipall; then
+  for m in base clipall; do
+    [[ -d $WORK/$m/model ]] || continue
+    for split in heldout train; do
+      t1eval "$s" --model "$WORK/$m/model" --setting "g = 1, text encoder of $m" --split $split --g 1 \
+        --prompt-seeds 0 --out "$WORK/composition_$m.$split.jsonl" &
+    done
   done
-  wait
-  for e in none zero_g2 text_g2 learn_g2 zero_g3 text_g3 learn_g3 zero_g5 text_g5 learn_g5; do
-    echo "## $e"; cat "$WORK/eval_t1_$e.txt"
-  done >"$OUT/table1.txt"
-  stamp "table1: evaluated"
-) &
+fi
 
-for j in $RUNS; do
-  wait "${PID[$j]}"
-  stamp "$j: exit $? ($(tail -c 300 "$WORK/$j/train.log" 2>/dev/null | tail -1))"
-  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$OUT/timeline.txt" 2>&1
-done
-stamp "new models trained; evaluating"
-# prompt seed 1 picks among the new models; seed 0 (the reported set) runs if time is left
-for seed in 1 0; do
-  s=$(left 25)
-  for j in $RUNS; do
-    eval_model "${j}.seed$seed" "$WORK/$j/model" "$s" --steps 64 --guidance-scale 2 --truncation-rate 0.85 --seed $seed &
+if [[ $TABLE1 == 1 && -d $WORK/base/model ]]; then
+  # the base's rows do not wait for the fine-tunes; each fine-tune is evaluated as soon as it ends
+  for k in $FT_SEEDS; do
+    t1eval "$(left 25)" --model "$WORK/base/model" --setting "no guidance" --uncond empty --g 1 --prompt-seeds "$k" \
+      --out "$WORK/t1_base_s$k.jsonl" &&
+    t1eval "$(left 25)" --model "$WORK/base/model" --setting "zero-shot" --uncond empty --g 2,3,5 --prompt-seeds "$k" \
+      --out "$WORK/t1_base_s$k.jsonl" &
+    for mode in empty learnable; do
+      name=$([[ $mode == empty ]] && echo "null text" || echo "learnable null")
+      uncond=$([[ $mode == empty ]] && echo empty || echo null)
+      ( $VQ train null-cond --data "$WORK/placed" --model "$WORK/base/model" --out "$WORK/ft_${mode}_s$k" \
+          --device "$DEVICE" --precision bf16 --steps "$FT_STEPS" --batch-size "$FT_BATCH" --null-mode $mode --seed "$k" \
+          --time-budget-s "$FT_BUDGET" --ckpt-every 100000 --log-every 100 --quiet >"$WORK/ft_${mode}_s$k.out" 2>&1 ||
+          echo "gpu_train: fine-tune ${mode} seed $k: exit $?"
+        stamp "fine-tune ${mode} seed $k: $(tail -n1 "$WORK/ft_${mode}_s$k/train.log" 2>/dev/null)"
+        t1eval "$(left 25)" --model "$WORK/ft_${mode}_s$k/model" --setting "$name" --uncond $uncond --g 1,2,3,5 \
+          --prompt-seeds "$k" --replicate "$k" --out "$WORK/t1_ft_${mode}_s$k.jsonl" ) &
+    done
   done
-  wait
-done
+fi
+wait
 stamp "evaluated; packing"
 
-for j in $RUNS; do
+cat "$WORK"/t1_*.jsonl >"$OUT/table1.jsonl" 2>/dev/null
+{ [[ -s $OUT/table1.jsonl ]] && $PY benchmarks/table1_eval.py summary "$OUT/table1.jsonl"
+  ls "$WORK"/composition_*.jsonl >/dev/null 2>&1 && { echo; echo "## composition: g = 1, 16 forwards";
+    $PY benchmarks/table1_eval.py summary "$WORK"/composition_*.jsonl; }
+  cat "$WORK/eval_skipped.txt" 2>/dev/null
+} >"$OUT/table1.md" 2>&1
+for f in "$WORK"/eval_*.txt; do [[ -f $f ]] && { echo "# $(basename "$f")"; cat "$f"; }; done >"$OUT/evals.txt"
+for j in unp unp_hi; do
+  has $j && [[ -d $WORK/$j/model ]] || continue
   $VQ convert "$WORK/$j/model" "$WORK/conv/$j" --dtype fp16 >/dev/null &&
-    tar czf "$OUT/$j.tgz" -C "$WORK/conv/$j" --exclude=./vqvae .  # ~15 MB: under 16 MiB a file, what a GPU machine hands back
+    tar czf "$OUT/$j.tgz" -C "$WORK/conv/$j" --exclude=./vqvae .  # ~15 MB: under 16 MiB a file
+  break  # one model file: eight files come back at most
 done
-(cd "$WORK" && find . -path ./placed -prune -o \( -name train.log -o -name '*.out' -o -name 'eval_*.txt' \) -print |
-  tar czf "$OUT/logs.tgz" -T -)
+(cd "$WORK" && find . \( -name placed -o -name all60k -o -name unpaired -o -name conv \) -prune -o \
+  \( -name train.log -o -name '*.out' -o -name '*.jsonl' -o -name 'eval_*.txt' \) -print | tar czf "$OUT/logs.tgz" -T -)
 stamp "done"
-echo "== evaluations"
-for f in "$WORK"/eval_*.txt; do echo "# $(basename "$f")"; grep -E "^(one|two) |exit|Error" "$f"; done
-echo "== plans"
-grep -h planned_steps "$WORK"/*/train.log "$WORK"/table1/*/train.log
-grep -h stopped "$WORK"/*/train.log "$WORK"/table1/*/train.log
+echo "== table 1"; cat "$OUT/table1.md"
+echo "== evaluations"; grep -E "^(one|two) |^# |exit|Error" "$OUT/evals.txt"
+echo "== plans"; grep -h planned_steps "$WORK"/*/train.log; grep -h stopped "$WORK"/*/train.log
 ls -la "$OUT"

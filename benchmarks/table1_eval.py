@@ -13,8 +13,8 @@ the same prompt seeds. So a cell's spread holds both the training and the prompt
 differences between settings are paired by k (same prompts).
 
 Every evaluation is ``vqdiff eval``'s (model/shapes/evaluate.py): ``--n`` prompts of one and of two
-objects, ``--samples`` images each, the purity sampler at ``--steps`` forwards, truncation 1.0,
-the features net's FD when models/features is there.
+objects (of ``--split``), ``--samples`` images each, the purity sampler at ``--steps`` forwards,
+truncation 1.0, the features net's FD when models/features is there.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ def evaluate_model(args: argparse.Namespace) -> None:
                                             "truncation_rate": 1.0, "uncond": args.uncond})
             for seed in (int(x) for x in args.prompt_seeds.split(",")):
                 for kind in args.kind.split(","):
-                    r = evaluate(model, kind, "train", args.n, args.samples, params, seed=seed, features=features)
+                    r = evaluate(model, kind, args.split, args.n, args.samples, params, seed=seed, batch=args.batch,
+                                 features=features)
                     row = {"setting": args.setting, "replicate": args.replicate if args.replicate is not None else seed,
-                           "g": g, "prompt_seed": seed, "kind": kind, "n": args.n, "samples": args.samples,
+                           "g": g, "prompt_seed": seed, "kind": kind if args.split == "train" else f"{kind}, {args.split}",
+                           "n": args.n, "samples": args.samples,
                            "steps": args.steps, "model": str(args.model),
                            **{m: r[m] for m in METRICS if m in r}}
                     out.write(json.dumps(row) + "\n")
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--g", default="2,3,5")
     e.add_argument("--prompt-seeds", default="0")
     e.add_argument("--kind", default="one,two")
+    e.add_argument("--split", default="train", choices=("train", "heldout"),
+                   help="heldout rows are their own kinds in the table ('one, heldout')")
+    e.add_argument("--batch", type=int, default=64, help="images per sampling batch (512 on a GPU)")
     e.add_argument("--n", type=int, default=100)
     e.add_argument("--samples", type=int, default=2)
     e.add_argument("--steps", type=int, default=16)

@@ -62,6 +62,10 @@ def add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", help="read weights of this variant (e.g. fp16)")
     parser.add_argument("--defaults", help='generation defaults as JSON, e.g. \'{"steps": 16}\'')
     parser.add_argument("--provenance", help="JSON recorded in vqdiff.json (how the model was made)")
+    parser.add_argument("--mix", type=Path, metavar="OTHER",
+                        help="write (1 - alpha) SRC + alpha OTHER, weight by weight (OTHER: the same architecture, "
+                             "e.g. a fine-tune of SRC: weight-space interpolation as in WiSE-FT)")
+    parser.add_argument("--alpha", type=float, help="with --mix: OTHER's share, in [0, 1]")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(func=convert)
 
@@ -75,7 +79,13 @@ def convert(args: argparse.Namespace) -> None:
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: {args.dtype!r} is not allowed; expected one of {list(DTYPES)}")
     dtype = getattr(torch, DTYPES[args.dtype])
+    if (args.mix is None) != (args.alpha is None):
+        raise ValueError("--mix and --alpha go together")
     model = load_model(args.src, variant=args.variant)
+    if args.mix is not None:
+        from vqdiff.model.io.folder import interpolate
+
+        model = interpolate(model, load_model(args.mix, variant=args.variant), args.alpha)
     if args.defaults:
         model.generation_defaults = json.loads(args.defaults)
         split_defaults(model.generation_defaults)  # fail now, not at the next load

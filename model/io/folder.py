@@ -368,6 +368,31 @@ def _readable(root: Path) -> None:
         path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
 
 
+@torch.no_grad()
+def interpolate(a: VQDiffusion, b: VQDiffusion, alpha: float) -> VQDiffusion:
+    """``a`` with every floating-point weight set to (1 - alpha) a + alpha b (integer buffers must be
+    equal). The two must share config and tokenizer: a model and a fine-tune of it, say."""
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha: {alpha} is not allowed; expected a number in [0, 1]")
+    if a.config != b.config:
+        raise ModelFolderError("the two models differ in architecture (config); only the same one interpolates")
+    if a.text_encoder.tokenizer.get_vocab() != b.text_encoder.tokenizer.get_vocab():
+        raise ModelFolderError("the two models' tokenizers differ; their text embeddings do not correspond")
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        raise ModelFolderError(f"the two models hold different weights: {sorted(set(sa) ^ set(sb))[:5]}")
+    mixed = {}
+    for k, v in sa.items():
+        if v.is_floating_point():
+            mixed[k] = torch.lerp(v, sb[k].to(v.dtype), alpha)  # out of place: tied weights are mixed once
+        elif torch.equal(v, sb[k]):
+            mixed[k] = v
+        else:
+            raise ModelFolderError(f"{k}: an integer buffer that differs between the two models")
+    a.load_state_dict(mixed)
+    return a
+
+
 def save_model(
     model: VQDiffusion, folder: str | Path, *, overwrite: bool = False, dtype: torch.dtype = torch.float32,
     extra: dict | None = None,

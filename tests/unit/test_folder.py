@@ -345,3 +345,30 @@ def test_saved_folders_are_readable_by_other_users(tiny_config, tokenizer, tmp_p
     for path in [folder, *folder.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o004, f"{path}: mode {oct(mode)} is not world-readable"
+
+
+def test_cli_convert_mix_interpolates_every_weight(tokenizer, tiny_config, tmp_path, capsys):
+    from vqdiff.cli import main
+
+    a = save_model(random_model(tiny_config, tokenizer, seed=5), tmp_path / "a")
+    b = save_model(random_model(tiny_config, tokenizer, seed=6), tmp_path / "b")
+    code = main(["convert", str(a), str(tmp_path / "mix"), "--mix", str(b), "--alpha", "0.25"])
+    assert code == 0, capsys.readouterr().err
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    mixed = load_model(tmp_path / "mix").state_dict()
+    moved = 0
+    for k, v in mixed.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.75 * sa[k] + 0.25 * sb[k], atol=1e-6), k
+            moved += not torch.equal(sa[k], sb[k])
+        else:
+            assert torch.equal(v, sa[k]), k
+    assert moved > 10
+    capsys.readouterr()
+    for bad, err in ((["--alpha", "1.5", "--mix", str(b)], "alpha"), (["--mix", str(b)], "--mix and --alpha")):
+        code = main(["convert", str(a), str(tmp_path / "x"), *bad])
+        assert code == 2 and err in capsys.readouterr().err and not (tmp_path / "x").exists()
+    wider = save_model(random_model(replace(tiny_config, transformer=replace(tiny_config.transformer, num_layers=1)),
+                                    tokenizer, seed=5), tmp_path / "w")
+    code = main(["convert", str(a), str(tmp_path / "x"), "--mix", str(wider), "--alpha", "0.5"])
+    assert code == 2 and "architecture" in capsys.readouterr().err
