@@ -19,15 +19,18 @@
 #        clipall  the base's recipe with clip_all for clip_train: a text encoder pretrained on every
 #                 pair, then trained on with the transformer on `placed` (the pairs stay out of the
 #                 generator's captions); compared with the base at g = 1 on held-out and train prompts
-#      and `vqdiff eval` of each (held-out and train prompts; unp*: the default sampler, prompt seeds 1
-#      (choice) and 0 (reported); clipall: with the base, g = 1, 16 forwards, table1_eval);
+#      and `vqdiff eval` of each (held-out and train prompts; unp*, and their weight mixes with
+#      models/default at $MIX_ALPHAS: the default sampler, prompt seeds 1 and 0 (mixes: 0); clipall: with the
+#      base, g = 1, 16 forwards, table1_eval);
 #   5. to $OUT (at most 8 files come back): env.txt, timeline.txt, table1.jsonl, table1.md,
 #      evals.txt, logs.tgz, and the first unp* model (fp16, no VQVAE: NAME.tgz).
 # From the repository root, on the GPU machine:
 #     OUT=/tmp/gpu_train bash benchmarks/gpu_train.sh
-# A CPU rehearsal (about 12 minutes on 2 cores):
-#     DEVICE=cpu N=800 N_ALL=400 N_UNP=800 WORKERS=2 CLIP_STEPS=20 CLIP_BATCH=32 BASE_BATCH=16 BASE_BUDGET=60 \
-#       FT_STEPS=4 FT_BATCH=16 EVAL_N=3 EVAL_BATCH=64 TOTAL=900 OUT=/tmp/gpu_train_cpu bash benchmarks/gpu_train.sh
+# A CPU rehearsal (25 minutes on 2 cores, about 30 processes at once in the evaluation stage; the
+# deadline cuts some evaluations there; commit 2a59a41 plus the mixes' seed rule, 2026-12-02):
+#     DEVICE=cpu PYTHON=.venv/bin/python N=800 N_ALL=400 N_UNP=800 WORKERS=2 CLIP_STEPS=20 CLIP_BATCH=32 \
+#       CLIP_BUDGET=120 BASE_BATCH=16 BASE_BUDGET=90 FT_STEPS=4 FT_BATCH=16 FT_BUDGET=400 EVAL_N=3 EVAL_BATCH=64 \
+#       MIX_ALPHAS=0.5 TOTAL=1500 OUT=/tmp/gpu_train_cpu bash benchmarks/gpu_train.sh
 # Commits 7184a13 and 44176ea ran this script's earlier form (runs joint, clipfrozen, clipinit, more,
 # more_s1, more_lo, carried VQVAE and text encoder); docs/RESULTS.md has their results.
 set -uo pipefail
@@ -39,7 +42,7 @@ N=${N:-120000}             # images of `placed`
 N_ALL=${N_ALL:-60000}      # images of `all60k` (clip_all's data; clip1 saw 60k)
 N_UNP=${N_UNP:-60000}      # images of `unpaired`
 WORKERS=${WORKERS:-14}
-RUNS=${RUNS-clipall}       # may be empty: Table 1 alone
+RUNS=${RUNS-unp clipall}   # may be empty: Table 1 alone
 TABLE1=${TABLE1:-1}
 CLIP_STEPS=${CLIP_STEPS:-1500}
 CLIP_BATCH=${CLIP_BATCH:-256}
@@ -51,6 +54,7 @@ FT_STEPS=${FT_STEPS:-500}  # every fine-tune the same steps (a budget of FT_BUDG
 FT_BATCH=${FT_BATCH:-256}
 FT_BUDGET=${FT_BUDGET:-110}
 FT_SEEDS=${FT_SEEDS:-0 1 2}
+MIX_ALPHAS=${MIX_ALPHAS-0.5 0.75}
 EVAL_N=${EVAL_N:-100}
 EVAL_BATCH=${EVAL_BATCH:-512}
 TOTAL=${TOTAL:-575}        # the whole script's deadline in seconds; evaluations are cut to fit it
@@ -140,13 +144,18 @@ vqeval() {  # name, model, seconds, vqdiff eval flags
   timeout "$3" $VQ eval --model "$2" --device "$DEVICE" --kind one,two --n "$EVAL_N" --quiet "${@:4}" \
     >"$WORK/eval_$1.txt" 2>&1 || echo "(eval $1: exit $?)" >>"$WORK/eval_$1.txt"
 }
-# the composition runs' evaluations go on while the fine-tunes train
+# the composition runs' evaluations go on while the fine-tunes train; unp* also as weight mixes
+# with models/default ((1 - a) default + a unp: `vqdiff convert --mix`), for a = $MIX_ALPHAS
 s=$(left 60)
 for j in unp unp_hi; do
   has $j && [[ -d $WORK/$j/model ]] || continue
-  for seed in 1 0; do
-    for split in heldout train; do
-      vqeval "$j.$split.seed$seed" "$WORK/$j/model" "$s" --split $split --seed $seed &
+  for a in $MIX_ALPHAS; do $VQ convert models/default "$WORK/${j}_mix$a" --mix "$WORK/$j/model" --alpha "$a" >/dev/null; done
+  for m in "$j" $(for a in $MIX_ALPHAS; do echo "${j}_mix$a"; done); do
+    [[ $m == "$j" ]] && { dir=$WORK/$j/model; seeds="1 0"; } || { dir=$WORK/$m; seeds=0; }
+    for seed in $seeds; do
+      for split in heldout train; do
+        vqeval "$m.$split.seed$seed" "$dir" "$s" --split $split --seed $seed &
+      done
     done
   done
 done
