@@ -185,15 +185,15 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
 
     opt = torch.optim.AdamW(pair.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, 0.0))  # cosine to 0
-    step = 0
+    step, planned = 0, None
     if ckpt is not None:
         pair.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         step = ckpt["step"]
         if ckpt.get("planned_steps") is not None and cfg.time_budget_s is None:
-            cfg = replace(cfg, steps=ckpt["planned_steps"])  # the length an interrupted budgeted run had fixed
-    planned = None
+            planned = ckpt["planned_steps"]  # the length an interrupted budgeted run had fixed
+            cfg = replace(cfg, steps=planned)
 
     log = JsonLog(out / "train.log")
     pair.train()

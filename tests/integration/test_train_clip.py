@@ -163,3 +163,29 @@ def test_cuda_clip_training_draws_the_cpu_batches_and_matches_the_cpu_loss(data,
         out = train_clip(_cfg(data, tmp_path / device, device=device), progress=False)
         losses[device] = [json.loads(x)["loss"] for x in (out / "train.log").read_text().splitlines()]
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-3)
+
+
+def test_a_resumed_budgeted_run_keeps_its_planned_length(data, tmp_path, monkeypatch):
+    import vqdiff.model.train.clip as tc
+
+    monkeypatch.setattr(tc, "PROBE_STEPS", 4)
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(tc.time, "time", lambda: float(next(clock)))
+    real_save, saves = tc.save_checkpoint, []
+
+    def crash_after_two(state, path):  # the run dies after its second checkpoint (step 6)
+        real_save(state, path)
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "save_checkpoint", crash_after_two)
+    cfg = _cfg(data, tmp_path / "r", steps=500, time_budget_s=60.0, log_every=1, ckpt_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(cfg, progress=False)
+    planned = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["planned_steps"]
+    assert saves == [3, 6] and 6 < planned < 500
+    monkeypatch.setattr(tc, "save_checkpoint", real_save)
+    train_clip(_cfg(data, tmp_path / "r", steps=500, log_every=1, ckpt_every=3), progress=False)  # no budget now
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == planned and ckpt["planned_steps"] == planned  # the plan outlives a second resume
