@@ -107,11 +107,13 @@ def test_generate_streams_previews_then_the_image(page, tiny_config):
     page.fill("#prompt", "a red circle above a blue square")
     page.fill("#steps", "8")
     page.fill("#preview_every", "2")
-    # every src the image takes, in order (oldValue: several changes may land in one callback)
+    # every src the image takes, in order: each record's oldValue is the src it replaced (several changes
+    # may land in one callback, and by then the target holds only the last), the final src is read below
     page.evaluate("""() => {
         window.srcs = [];
-        new MutationObserver(records => { for (const r of records) window.srcs.push(r.target.getAttribute("src")); })
-            .observe(document.getElementById("preview"), {attributes: true, attributeFilter: ["src"]});
+        new MutationObserver(records => { for (const r of records) window.srcs.push(r.oldValue); })
+            .observe(document.getElementById("preview"),
+                     {attributes: true, attributeFilter: ["src"], attributeOldValue: true});
     }""")
     with page.expect_response(lambda r: r.url.endswith("/v1/generate")) as response:
         page.click("#generate")
@@ -123,7 +125,7 @@ def test_generate_streams_previews_then_the_image(page, tiny_config):
     expect(page.locator("#error")).to_be_empty()
     srcs = page.evaluate("window.srcs")
     final = page.get_attribute("#preview", "src")
-    previews = [s for s in srcs if s != final]
+    previews = [s for s in srcs if s is not None and s != final]  # None: the page's empty image
     assert len(set(previews)) >= 3, f"{len(previews)} previews, {len(set(previews))} distinct"  # steps 2, 4, 6
     size = tiny_config.image_size
     for url in {*previews, final}:
