@@ -177,3 +177,15 @@ __all__ = [
     "sample_timesteps",
     "ImportanceSampler",
 ]
+
+
+def teacher_kl(log_x0_teacher: torch.Tensor, log_x0_pred: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of the x0 predictions, summed over positions: (B,).
+
+    Both are log-probabilities (B, N, K) of the same x_t and t; a class the teacher gives no mass
+    adds nothing (0 log 0 = 0)."""
+    if log_x0_teacher.shape != log_x0_pred.shape:
+        _fail(f"teacher_kl: shapes {tuple(log_x0_teacher.shape)} and {tuple(log_x0_pred.shape)} differ")
+    p = log_x0_teacher.exp()  # (B, N, K)
+    terms = torch.where(p > 0, p * (log_x0_teacher - log_x0_pred), torch.zeros_like(p))  # (B, N, K)
+    return terms.sum(dim=(1, 2))  # (B,)

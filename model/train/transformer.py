@@ -8,6 +8,11 @@ or ``--init`` runs), and ``freeze_text`` keeps it fixed, as the paper keeps CLIP
 continues from a model folder instead: that is the paper's fine-tuning step (``null-cond``),
 optionally training only the learnable null.
 
+``teacher`` keeps a fine-tune close to another model (usually its start) where that model is right:
+the loss adds ``teacher_weight`` x KL(teacher || model) of the x0 predictions for every sample whose
+caption is not dropped and does not match ``teacher_skip``, the teacher reading the caption with its
+own text encoder (learning without forgetting, as a per-token term like the loss).
+
 What the caption is dropped to (``null_mode``): ``learnable`` (the learnable null condition, Eq. 7),
 ``empty`` (the empty prompt's embedding: "guidance with a null text"), or ``none`` (never dropped).
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,7 +43,7 @@ from vqdiff.model.net.tokenizer import caption_tokenizer
 from vqdiff.model.cli_args import add_fields, add_quiet, arg, from_args, help_of
 from vqdiff.model.train.common import (PROBE_STEPS, JsonLog, TimeBudget, batch_indices, load_checkpoint, save_checkpoint,
                                        step_generator, warmup_cosine)
-from vqdiff.model.train.loss import ImportanceSampler, training_loss
+from vqdiff.model.train.loss import ImportanceSampler, teacher_kl, training_loss
 
 NULL_MODES = ("learnable", "empty", "none")
 # `vqdiff train null-cond`: a short fine-tuning run of a trained model, not a run from scratch
@@ -75,6 +81,11 @@ class TransformerTrainConfig:
     log_every: int = arg(50, "steps between train.log records")
     ckpt_every: int = arg(250, "steps between checkpoints (OUT/model/ is rewritten at each)")
     seed: int = arg(0, "the seed of the batch order and every draw")
+    teacher: str | None = arg(None, "a model folder whose x0 predictions the run keeps to on captioned samples: "
+                                    "the loss adds teacher_weight x KL(teacher || model) (learning without forgetting)")
+    teacher_weight: float = arg(1.0, "weight of the teacher's KL term, per token as the loss is")
+    teacher_skip: str | None = arg(None, "a regular expression: captions it matches (re.search) get no teacher term, "
+                                         "e.g. the ones whose images the teacher cannot know")
 
     def __post_init__(self) -> None:
         if self.null_mode not in NULL_MODES:
@@ -93,6 +104,15 @@ class TransformerTrainConfig:
             raise ValueError(f"time_budget_s: {self.time_budget_s} is not allowed; expected a number of seconds > 0")
         if self.only_null and self.null_mode != "learnable":
             raise ValueError("only_null trains the learnable null: it needs null_mode 'learnable'")
+        if not (self.teacher_weight >= 0.0 and math.isfinite(self.teacher_weight)):
+            raise ValueError(f"teacher_weight: {self.teacher_weight} is not allowed; expected a finite number >= 0")
+        if self.teacher is None and self.teacher_skip is not None:
+            raise ValueError("teacher_skip chooses the samples of a teacher's term: it needs teacher")
+        if self.teacher_skip is not None:
+            try:
+                re.compile(self.teacher_skip)
+            except re.error as e:
+                raise ValueError(f"teacher_skip: {self.teacher_skip!r} is not a regular expression ({e})") from None
 
 
 def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
@@ -184,6 +204,22 @@ def cached_tokens(model: VQDiffusion, data: ImageCaptionFolder, path: Path) -> t
     return tokens
 
 
+def load_teacher(folder: str, model: VQDiffusion, device: torch.device) -> VQDiffusion:
+    """The frozen model of ``--teacher``: it must predict x0 over the same tokens under the same
+    schedule as the model trained (its text encoder may differ: it reads the captions its own way)."""
+    teacher = load_model(folder)
+    mine, theirs = model.config, teacher.config
+    for name, a, b in (("codebook size", mine.transformer.num_embed, theirs.transformer.num_embed),
+                       ("tokens per image", mine.transformer.num_tokens, theirs.transformer.num_tokens),
+                       ("diffusion schedule", replace(mine.diffusion, auxiliary_loss_weight=0.0),
+                        replace(theirs.diffusion, auxiliary_loss_weight=0.0))):
+        if a != b:
+            raise ModelFolderError(f"{folder}: the teacher's {name} is {b}; the model trained has {a}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
 def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Path:
     t_start = time.time()  # a time budget counts from here: loading and tokenizing are in it
     out = Path(cfg.out)
@@ -202,6 +238,11 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     tokens = cached_tokens(model, data, out / "tokens.pt")  # (n, N), on the CPU
     ids = model.text_encoder.tokenize(captions)  # (n, L)
     empty_ids = model.text_encoder.tokenize([""])  # (1, L)
+    teacher = None if cfg.teacher is None else load_teacher(cfg.teacher, model, device)
+    if teacher is not None:
+        teacher_ids = teacher.text_encoder.tokenize(captions)  # (n, L'): the teacher's own tokenizer
+        skip = None if cfg.teacher_skip is None else re.compile(cfg.teacher_skip)
+        taught = torch.tensor([skip is None or skip.search(cap) is None for cap in captions])  # (n,) bool
 
     text_trains = not (cfg.only_null or cfg.freeze_text)
     trainable = [model.null_cond] if cfg.only_null else [
@@ -243,6 +284,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         t, pt = importance.sample(b, g)  # (B,), (B,)
         x_t = q_sample(cpu_schedule, x0, t, generator=g)  # (B, N)
         drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
+        keep = None if teacher is None else taught[idx] & ~drop  # (B,): the samples of the teacher's term
         x0, x_t, t_dev, pt, drop = (v.to(device, non_blocking=True) for v in (x0, x_t, t, pt, drop))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             with torch.set_grad_enabled(text_trains):
@@ -256,6 +298,14 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t_dev, pt=pt, return_terms=True,
                                       auxiliary_loss_weight=cfg.aux_weight)  # (B,)
         loss = loss_b.sum() / (b * c.num_tokens)
+        kl = None
+        if keep is not None and keep.any():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                k = keep.to(device)
+                log_x0_teacher = teacher.transformer.log_probs(
+                    x_t[k], t_dev[k], teacher.text_encoder(teacher_ids[idx][keep].to(device)))  # (B', N, K) fp32
+            kl = teacher_kl(log_x0_teacher, log_x0[k])  # (B',)
+            loss = loss + cfg.teacher_weight * kl.sum() / (b * c.num_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -279,6 +329,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
                 acc = (log_x0.argmax(-1) == x0)[masked].float().mean().item() if masked.any() else float("nan")
             rec = {"step": step, "loss": round(loss.item(), 5), "masked_acc": round(acc, 4),
                    "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            if kl is not None:  # per token, over the samples of the teacher's term
+                rec["teacher_kl"] = round(kl.detach().mean().item() / c.num_tokens, 5)
             log.write(rec)
             bar.set_postfix(loss=rec["loss"], acc=rec["masked_acc"])
         if step % cfg.ckpt_every == 0 or step == cfg.steps or over:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -264,3 +265,55 @@ def test_a_spent_time_budget_stops_the_run_with_a_saved_model(run, monkeypatch):
     ckpt = torch.load(run[0] / "spent" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == log[-1]["step"] < 500
     assert load_model(folder) is not None
+
+
+def _log(run, out):
+    return [json.loads(x) for x in (run[0] / out / "train.log").read_text().splitlines()]
+
+
+def test_a_teacher_that_is_the_start_adds_nothing_at_the_first_step_and_holds_the_model_near_it(run):
+    """Learning without forgetting: the KL to the teacher's x0 predictions is zero where the model is
+    the teacher, and pulls a fine-tune towards it."""
+    base = train_transformer(_cfg(run, "t0", steps=2), progress=False)
+    kw = dict(vqvae=None, init=str(base), steps=6, lr=3e-3, warmup=1, null_drop=0.0)
+    free = train_transformer(_cfg(run, "t_free", **kw), progress=False)
+    held = train_transformer(_cfg(run, "t_held", teacher=str(base), teacher_weight=50.0, **kw), progress=False)
+    log = _log(run, "t_held")
+    assert log[0]["teacher_kl"] < 1e-5  # the model is the teacher before its first update
+    assert all(r["teacher_kl"] >= 0 for r in log) and max(r["teacher_kl"] for r in log) > 1e-4
+    assert log[0]["loss"] == pytest.approx(_log(run, "t_free")[0]["loss"], rel=1e-4)
+
+    def distance(folder):
+        a, b = _state(folder), _state(base)
+        return sum(float((a[k] - b[k]).pow(2).sum()) for k in a if k.startswith("transformer."))
+    assert distance(held) < distance(free)
+
+
+def test_teacher_weight_zero_or_every_caption_skipped_is_the_run_without_a_teacher(run):
+    base = train_transformer(_cfg(run, "tb", steps=2), progress=False)
+    other = train_transformer(_cfg(run, "to", steps=3, seed=7), progress=False)
+    kw = dict(vqvae=None, init=str(base), steps=2)
+    plain = _state(train_transformer(_cfg(run, "tp", **kw), progress=False))
+    zero = _state(train_transformer(_cfg(run, "tz", teacher=str(other), teacher_weight=0.0, **kw), progress=False))
+    skipped = _state(train_transformer(_cfg(run, "ts", teacher=str(other), teacher_skip=".", **kw), progress=False))
+    taught = _state(train_transformer(_cfg(run, "tt", teacher=str(other), **kw), progress=False))
+    assert all(torch.equal(plain[k], zero[k]) and torch.equal(plain[k], skipped[k]) for k in plain)
+    assert not all(torch.equal(plain[k], taught[k]) for k in plain)
+    assert "teacher_kl" not in _log(run, "ts")[0] and "teacher_kl" in _log(run, "tt")[0]
+
+
+def test_teacher_settings_fail_loudly(run, tmp_path):
+    from vqdiff.model.io.folder import ModelFolderError
+    from vqdiff.model.train.transformer import load_teacher
+
+    with pytest.raises(ValueError, match="teacher_skip chooses"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", teacher_skip="shape")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", teacher="t", teacher_skip="(")
+    with pytest.raises(ValueError, match="teacher_weight"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", teacher="t", teacher_weight=float("nan"))
+    base = load_model(train_transformer(_cfg(run, "tf", steps=1), progress=False))
+    other = replace(base.config, diffusion=replace(base.config.diffusion, gamma_cum_end=0.9))
+    odd = type(base)(other, base.transformer, base.vqvae, base.text_encoder, base.null_cond)
+    with pytest.raises(ModelFolderError, match="diffusion schedule"):
+        load_teacher(str(run[0] / "tf" / "model"), odd, torch.device("cpu"))
