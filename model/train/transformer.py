@@ -10,8 +10,9 @@ optionally training only the learnable null.
 
 ``teacher`` keeps a fine-tune close to another model (usually its start) where that model is right:
 the loss adds ``teacher_weight`` x KL(teacher || model) of the x0 predictions for every sample whose
-caption is not dropped and does not match ``teacher_skip``, the teacher reading the caption with its
-own text encoder (learning without forgetting, as a per-token term like the loss).
+caption does not match ``teacher_skip`` and is not dropped (``teacher_on_null``: dropped ones too),
+the teacher reading the caption with its own text encoder, or its own null (learning without
+forgetting, as a per-token term like the loss).
 
 What the caption is dropped to (``null_mode``): ``learnable`` (the learnable null condition, Eq. 7),
 ``empty`` (the empty prompt's embedding: "guidance with a null text"), or ``none`` (never dropped).
@@ -86,6 +87,8 @@ class TransformerTrainConfig:
     teacher_weight: float = arg(1.0, "weight of the teacher's KL term, per token as the loss is")
     teacher_skip: str | None = arg(None, "a regular expression: captions it matches (re.search) get no teacher term, "
                                          "e.g. the ones whose images the teacher cannot know")
+    teacher_on_null: bool = arg(False, "the teacher's term also on samples dropped to the null condition (the "
+                                       "unconditional branch guidance extrapolates from), the teacher given its own")
 
     def __post_init__(self) -> None:
         if self.null_mode not in NULL_MODES:
@@ -106,8 +109,8 @@ class TransformerTrainConfig:
             raise ValueError("only_null trains the learnable null: it needs null_mode 'learnable'")
         if not (self.teacher_weight >= 0.0 and math.isfinite(self.teacher_weight)):
             raise ValueError(f"teacher_weight: {self.teacher_weight} is not allowed; expected a finite number >= 0")
-        if self.teacher is None and self.teacher_skip is not None:
-            raise ValueError("teacher_skip chooses the samples of a teacher's term: it needs teacher")
+        if self.teacher is None and (self.teacher_skip is not None or self.teacher_on_null):
+            raise ValueError("teacher_skip and teacher_on_null choose the samples of a teacher's term: they need teacher")
         if self.teacher_skip is not None:
             try:
                 re.compile(self.teacher_skip)
@@ -241,6 +244,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     teacher = None if cfg.teacher is None else load_teacher(cfg.teacher, model, device)
     if teacher is not None:
         teacher_ids = teacher.text_encoder.tokenize(captions)  # (n, L'): the teacher's own tokenizer
+        teacher_empty = teacher.text_encoder.tokenize([""]).to(device)  # (1, L')
         skip = None if cfg.teacher_skip is None else re.compile(cfg.teacher_skip)
         taught = torch.tensor([skip is None or skip.search(cap) is None for cap in captions])  # (n,) bool
 
@@ -284,7 +288,9 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         t, pt = importance.sample(b, g)  # (B,), (B,)
         x_t = q_sample(cpu_schedule, x0, t, generator=g)  # (B, N)
         drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
-        keep = None if teacher is None else taught[idx] & ~drop  # (B,): the samples of the teacher's term
+        keep = None  # (B,): the samples of the teacher's term
+        if teacher is not None:
+            keep = taught[idx] if cfg.teacher_on_null else taught[idx] & ~drop
         x0, x_t, t_dev, pt, drop = (v.to(device, non_blocking=True) for v in (x0, x_t, t, pt, drop))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             with torch.set_grad_enabled(text_trains):
@@ -302,8 +308,13 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         if keep is not None and keep.any():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 k = keep.to(device)
-                log_x0_teacher = teacher.transformer.log_probs(
-                    x_t[k], t_dev[k], teacher.text_encoder(teacher_ids[idx][keep].to(device)))  # (B', N, K) fp32
+                cond_t = teacher.text_encoder(teacher_ids[idx][keep].to(device))  # (B', L', D')
+                dropped = drop[k]  # (B',), on the device
+                if dropped.any():  # the teacher's own null: its learnable one, else its empty prompt
+                    null_t = (teacher.null_cond(cond_t.shape[0]) if teacher.null_cond is not None
+                              else teacher.text_encoder(teacher_empty).expand(cond_t.shape[0], -1, -1))
+                    cond_t = torch.where(dropped.view(-1, 1, 1), null_t, cond_t)
+                log_x0_teacher = teacher.transformer.log_probs(x_t[k], t_dev[k], cond_t)  # (B', N, K) fp32
             kl = teacher_kl(log_x0_teacher, log_x0[k])  # (B',)
             loss = loss + cfg.teacher_weight * kl.sum() / (b * c.num_tokens)
         opt.zero_grad(set_to_none=True)

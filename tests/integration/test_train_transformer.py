@@ -306,7 +306,7 @@ def test_teacher_settings_fail_loudly(run, tmp_path):
     from vqdiff.model.io.folder import ModelFolderError
     from vqdiff.model.train.transformer import load_teacher
 
-    with pytest.raises(ValueError, match="teacher_skip chooses"):
+    with pytest.raises(ValueError, match="teacher_skip and teacher_on_null choose"):
         TransformerTrainConfig(data="d", out="o", vqvae="v", teacher_skip="shape")
     with pytest.raises(ValueError, match="not a regular expression"):
         TransformerTrainConfig(data="d", out="o", vqvae="v", teacher="t", teacher_skip="(")
@@ -317,3 +317,17 @@ def test_teacher_settings_fail_loudly(run, tmp_path):
     odd = type(base)(other, base.transformer, base.vqvae, base.text_encoder, base.null_cond)
     with pytest.raises(ModelFolderError, match="diffusion schedule"):
         load_teacher(str(run[0] / "tf" / "model"), odd, torch.device("cpu"))
+
+
+def test_a_teacher_on_null_also_holds_the_unconditional_branch(run):
+    """With every caption dropped, the teacher's term exists only with teacher_on_null, the teacher
+    then given its own learnable null: zero before the first update when the teacher is the start."""
+    base = train_transformer(_cfg(run, "tn0", steps=2), progress=False)
+    kw = dict(vqvae=None, init=str(base), steps=3, null_drop=1.0, teacher=str(base))
+    train_transformer(_cfg(run, "tn_off", **kw), progress=False)
+    train_transformer(_cfg(run, "tn_on", teacher_on_null=True, **kw), progress=False)
+    assert "teacher_kl" not in _log(run, "tn_off")[0]
+    log = _log(run, "tn_on")
+    assert log[0]["teacher_kl"] < 1e-5 and max(r["teacher_kl"] for r in log) > 0
+    with pytest.raises(ValueError, match="teacher_on_null"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", teacher_on_null=True)
