@@ -1,4 +1,5 @@
-"""The training side of the diffusion: the loss of the official ``_train_loss`` and the choice of t.
+"""The training side of the diffusion: the loss of the official ``_train_loss``, the choice of t, and a
+teacher's KL term (``teacher_kl``: a fine-tune held to another model).
 
 Only the trainers use these; the math they share with sampling (the schedule, q(x_t | x0), the
 posterior) is model/diffusion.py, whose conventions hold here too: log-probabilities (B, N, C)
@@ -171,14 +172,6 @@ class ImportanceSampler:
             setattr(self, key, state[key].to(cur))
 
 
-__all__ = [
-    "LossTerms",
-    "training_loss",
-    "sample_timesteps",
-    "ImportanceSampler",
-]
-
-
 def teacher_kl(log_x0_teacher: torch.Tensor, log_x0_pred: torch.Tensor) -> torch.Tensor:
     """KL(teacher || model) of the x0 predictions, summed over positions: (B,).
 
@@ -189,3 +182,13 @@ def teacher_kl(log_x0_teacher: torch.Tensor, log_x0_pred: torch.Tensor) -> torch
     p = log_x0_teacher.exp()  # (B, N, K)
     terms = torch.where(p > 0, p * (log_x0_teacher - log_x0_pred), torch.zeros_like(p))  # (B, N, K)
     return terms.sum(dim=(1, 2))  # (B,)
+
+
+__all__ = [
+    "LossTerms",
+    "training_loss",
+    "sample_timesteps",
+    "ImportanceSampler",
+    "teacher_kl",
+]
+
