@@ -1,5 +1,5 @@
-"""The training side of the diffusion: the loss of the official ``_train_loss``, the choice of t, and a
-teacher's KL term (``teacher_kl``: a fine-tune held to another model).
+"""The training side of the diffusion: the loss of the official ``_train_loss``, the choice of t, and the
+categorical KL both it and a teacher's term (``--teacher``: a fine-tune held to another model) take.
 
 Only the trainers use these; the math they share with sampling (the schedule, q(x_t | x0), the
 posterior) is model/diffusion.py, whose conventions hold here too: log-probabilities (B, N, C)
@@ -78,7 +78,7 @@ def training_loss(
     log_model = posterior(schedule, log_x0_pred, x_t, t)  # (B, N, K+1) p_theta(x_{t-1} | x_t)
     with torch.no_grad():
         log_true = posterior(schedule, log_onehot(x0, K).to(log_model.dtype), x_t, t)  # (B, N, K+1)
-    kl = (log_true.exp() * (log_true - log_model)).sum(dim=-1).sum(dim=-1)  # (B,)
+    kl = categorical_kl(log_true, log_model)  # (B,)
     idx = x0.unsqueeze(-1)  # (B, N, 1)
     decoder_nll = -log_model.gather(-1, idx).squeeze(-1).sum(dim=-1)  # (B,) -log p(x_{-1} = x0) at t = 0
     ce = -log_x0_pred.gather(-1, idx).squeeze(-1).sum(dim=-1)  # (B,)
@@ -172,23 +172,23 @@ class ImportanceSampler:
             setattr(self, key, state[key].to(cur))
 
 
-def teacher_kl(log_x0_teacher: torch.Tensor, log_x0_pred: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || model) of the x0 predictions, summed over positions: (B,).
+def categorical_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of categorical distributions over the last axis, summed over positions: (B,).
 
-    Both are log-probabilities (B, N, K) of the same x_t and t; a class the teacher gives no mass
-    adds nothing (0 log 0 = 0)."""
-    if log_x0_teacher.shape != log_x0_pred.shape:
-        _fail(f"teacher_kl: shapes {tuple(log_x0_teacher.shape)} and {tuple(log_x0_pred.shape)} differ")
-    p = log_x0_teacher.exp()  # (B, N, K)
-    terms = torch.where(p > 0, p * (log_x0_teacher - log_x0_pred), torch.zeros_like(p))  # (B, N, K)
-    return terms.sum(dim=(1, 2))  # (B,)
-
+    Both are log-probabilities (B, N, C); a class p gives no mass adds nothing (0 log 0 = 0), even
+    where q gives it none. The posterior KL of ``training_loss`` and the teacher's term of
+    ``vqdiff train transformer --teacher`` (KL(teacher || model) of the x0 predictions)."""
+    if log_p.shape != log_q.shape:
+        _fail(f"categorical_kl: shapes {tuple(log_p.shape)} and {tuple(log_q.shape)} differ")
+    p = log_p.exp()  # (B, N, C)
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))  # (B, N, C)
+    return terms.sum(dim=-1).sum(dim=-1)  # (B,)
 
 __all__ = [
     "LossTerms",
     "training_loss",
     "sample_timesteps",
     "ImportanceSampler",
-    "teacher_kl",
+    "categorical_kl",
 ]
 

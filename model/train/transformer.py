@@ -44,7 +44,7 @@ from vqdiff.model.net.tokenizer import caption_tokenizer
 from vqdiff.model.cli_args import add_fields, add_quiet, arg, from_args, help_of
 from vqdiff.model.train.common import (PROBE_STEPS, JsonLog, TimeBudget, batch_indices, load_checkpoint, save_checkpoint,
                                        step_generator, warmup_cosine)
-from vqdiff.model.train.loss import ImportanceSampler, teacher_kl, training_loss
+from vqdiff.model.train.loss import ImportanceSampler, categorical_kl, training_loss
 
 NULL_MODES = ("learnable", "empty", "none")
 # `vqdiff train null-cond`: a short fine-tuning run of a trained model, not a run from scratch
@@ -244,7 +244,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     teacher = None if cfg.teacher is None else load_teacher(cfg.teacher, model, device)
     if teacher is not None:
         teacher_ids = teacher.text_encoder.tokenize(captions)  # (n, L'): the teacher's own tokenizer
-        teacher_empty = teacher.text_encoder.tokenize([""]).to(device)  # (1, L')
+        teacher_empty = None if teacher.null_cond is not None else teacher.text_encoder.tokenize([""]).to(device)  # (1, L')
         skip = None if cfg.teacher_skip is None else re.compile(cfg.teacher_skip)
         taught = torch.tensor([skip is None or skip.search(cap) is None for cap in captions])  # (n,) bool
 
@@ -274,6 +274,10 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
 
     # x_t is drawn on the CPU from the step's generator, so every device sees the same batches
     cpu_schedule, schedule, c = Schedule(model.config.diffusion), model.schedule, model.config.transformer
+
+    def autocast():  # the forward passes under --precision
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
     log = JsonLog(out / "train.log")
     model.train()
     model.vqvae.eval()
@@ -292,7 +296,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         if teacher is not None:
             keep = taught[idx] if cfg.teacher_on_null else taught[idx] & ~drop
         x0, x_t, t_dev, pt, drop = (v.to(device, non_blocking=True) for v in (x0, x_t, t, pt, drop))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with autocast():
             with torch.set_grad_enabled(text_trains):
                 text = model.text_encoder(ids[idx].to(device))  # (B, L, D)
             if cfg.null_mode == "learnable":
@@ -306,7 +310,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         loss = loss_b.sum() / (b * c.num_tokens)
         kl = None
         if keep is not None and keep.any():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.no_grad(), autocast():
                 k = keep.to(device)
                 cond_t = teacher.text_encoder(teacher_ids[idx][keep].to(device))  # (B', L', D')
                 dropped = drop[k]  # (B',), on the device
@@ -315,7 +319,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
                               else teacher.text_encoder(teacher_empty).expand(cond_t.shape[0], -1, -1))
                     cond_t = torch.where(dropped.view(-1, 1, 1), null_t, cond_t)
                 log_x0_teacher = teacher.transformer.log_probs(x_t[k], t_dev[k], cond_t)  # (B', N, K) fp32
-            kl = teacher_kl(log_x0_teacher, log_x0[k])  # (B',)
+            kl = categorical_kl(log_x0_teacher, log_x0[k])  # (B',): KL(teacher || model)
             loss = loss + cfg.teacher_weight * kl.sum() / (b * c.num_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()

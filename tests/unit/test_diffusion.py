@@ -452,19 +452,19 @@ def test_importance_sampler() -> None:
         clone.load_state_dict({"lt_history": torch.zeros(3), "lt_count": torch.zeros(3)})
 
 
-def test_teacher_kl_is_the_kl_of_the_x0_predictions_summed_over_positions():
-    from vqdiff.model.train.loss import teacher_kl
+def test_categorical_kl_is_the_kl_summed_over_positions():
+    from vqdiff.model.train.loss import categorical_kl
 
     g = torch.Generator().manual_seed(0)
     p = torch.log_softmax(torch.randn(3, 5, 7, generator=g), -1)  # (B, N, K)
     q = torch.log_softmax(torch.randn(3, 5, 7, generator=g), -1)
     want = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(dim=(1, 2))
-    torch.testing.assert_close(teacher_kl(p, q), want)
-    assert torch.equal(teacher_kl(p, p), torch.zeros(3))
+    torch.testing.assert_close(categorical_kl(p, q), want)
+    assert torch.equal(categorical_kl(p, p), torch.zeros(3))
     p0 = p.clone()
     p0[..., 0] = float("-inf")  # a class with no teacher mass adds nothing, even where the model gives it none
     q0 = q.clone()
     q0[..., 0] = float("-inf")
-    assert torch.isfinite(teacher_kl(p0, q0)).all()
+    assert torch.isfinite(categorical_kl(p0, q0)).all()
     with pytest.raises(ValueError, match="shapes"):
-        teacher_kl(p, q[:, :4])
+        categorical_kl(p, q[:, :4])
