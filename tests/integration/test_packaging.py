@@ -79,12 +79,13 @@ def test_the_wheel_installs_one_namespace_and_generates_from_any_directory(insta
     assert not {"model", "server", "kernels", "models"} & {p.name for p in site.iterdir()}
     assert (site / "vqdiff" / "models" / "default" / "model_index.json").is_file()
     python = str(installed / "bin" / "python")
-    probe = ("import importlib.util, vqdiff.model.io.default as d; "
-             "print(d.default_model_dir()); print(importlib.util.find_spec('model'))")
+    probe = ("import importlib.util, vqdiff._checkout as c, vqdiff.model.io.default as d; "
+             "print(d.default_model_dir()); print(importlib.util.find_spec('model')); print(c.checkout_root())")
     r = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    where, spec = r.stdout.split()
+    where, spec, root = r.stdout.split()
     assert Path(where).is_relative_to(site) and spec == "None"
+    assert root == "None"   # installed, site-packages is no checkout: vqdiff/_checkout.py's finder stays out
     out = tmp_path / "out.png"
     r = subprocess.run([str(installed / "bin" / "vqdiff"), "generate", "a red circle", "-o", str(out), "--steps", "4",
                         "--seed", "1", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
