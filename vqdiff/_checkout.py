@@ -29,7 +29,8 @@ SHADOWING = frozenset({"model", "server", "kernels", "models"})
 def checkout_root() -> Path | None:
     """The source checkout this package runs from, or None when it runs from an installed wheel."""
     root = Path(__file__).resolve().parent.parent
-    if (root / "pyproject.toml").is_file() and (root / "kernels" / "__init__.py").is_file():
+    # kernels/guided.py, not kernels/__init__.py: site-packages may hold the other `kernels` package
+    if (root / "pyproject.toml").is_file() and (root / "kernels" / "guided.py").is_file():
         return root
     return None
 
