@@ -66,6 +66,9 @@ def add_convert(parser: argparse.ArgumentParser) -> None:
                         help="write (1 - alpha) SRC + alpha OTHER, weight by weight (OTHER: the same architecture, "
                              "e.g. a fine-tune of SRC: weight-space interpolation as in WiSE-FT)")
     parser.add_argument("--alpha", type=float, help="with --mix: OTHER's share, in [0, 1]")
+    parser.add_argument("--average", type=Path, nargs="+", metavar="OTHER",
+                        help="write the mean of SRC and every OTHER, weight by weight (the same architecture: "
+                             "snapshots of one run, as in stochastic weight averaging, or fine-tunes of one model)")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(func=convert)
 
@@ -81,11 +84,17 @@ def convert(args: argparse.Namespace) -> None:
     dtype = getattr(torch, DTYPES[args.dtype])
     if (args.mix is None) != (args.alpha is None):
         raise ValueError("--mix and --alpha go together")
+    if args.mix is not None and args.average:
+        raise ValueError("--mix and --average are two ways of combining models: give one")
     model = load_model(args.src, variant=args.variant)
     if args.mix is not None:
         from vqdiff.model.io.folder import interpolate
 
         model = interpolate(model, load_model(args.mix, variant=args.variant), args.alpha)
+    if args.average:
+        from vqdiff.model.io.folder import average
+
+        model = average(model, (load_model(m, variant=args.variant) for m in args.average))
     if args.defaults:
         model.generation_defaults = json.loads(args.defaults)
         split_defaults(model.generation_defaults)  # fail now, not at the next load

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -369,28 +370,56 @@ def _readable(root: Path) -> None:
 
 
 @torch.no_grad()
+def _check_same_weights(a: VQDiffusion, b: VQDiffusion) -> None:
+    """Loud unless ``a`` and ``b`` can be combined weight by weight: the same config, tokenizer and
+    weight names (a model and a fine-tune of it, or snapshots of one run)."""
+    if a.config != b.config:
+        raise ModelFolderError("the two models differ in architecture (config); only the same one interpolates")
+    if a.text_encoder.tokenizer.get_vocab() != b.text_encoder.tokenizer.get_vocab():
+        raise ModelFolderError("the two models' tokenizers differ; their text embeddings do not correspond")
+    ka, kb = a.state_dict().keys(), b.state_dict().keys()
+    if ka != kb:
+        raise ModelFolderError(f"the two models hold different weights: {sorted(set(ka) ^ set(kb))[:5]}")
+
+
+def _equal_integer_buffer(k: str, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if not torch.equal(v, w):
+        raise ModelFolderError(f"{k}: an integer buffer that differs between the two models")
+    return v
+
+
 def interpolate(a: VQDiffusion, b: VQDiffusion, alpha: float) -> VQDiffusion:
     """``a`` with every floating-point weight set to (1 - alpha) a + alpha b (integer buffers must be
     equal). The two must share config and tokenizer: a model and a fine-tune of it, say."""
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha: {alpha} is not allowed; expected a number in [0, 1]")
-    if a.config != b.config:
-        raise ModelFolderError("the two models differ in architecture (config); only the same one interpolates")
-    if a.text_encoder.tokenizer.get_vocab() != b.text_encoder.tokenizer.get_vocab():
-        raise ModelFolderError("the two models' tokenizers differ; their text embeddings do not correspond")
+    _check_same_weights(a, b)
     sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        raise ModelFolderError(f"the two models hold different weights: {sorted(set(sa) ^ set(sb))[:5]}")
-    mixed = {}
-    for k, v in sa.items():
-        if v.is_floating_point():
-            mixed[k] = torch.lerp(v, sb[k].to(v.dtype), alpha)  # out of place: tied weights are mixed once
-        elif torch.equal(v, sb[k]):
-            mixed[k] = v
-        else:
-            raise ModelFolderError(f"{k}: an integer buffer that differs between the two models")
+    mixed = {k: torch.lerp(v, sb[k].to(v.dtype), alpha) if v.is_floating_point()  # out of place: tied weights once
+             else _equal_integer_buffer(k, v, sb[k]) for k, v in sa.items()}
     a.load_state_dict(mixed)
     return a
+
+
+def average(first: VQDiffusion, others: Iterable[VQDiffusion]) -> VQDiffusion:
+    """``first`` with every floating-point weight set to the mean over ``first`` and ``others`` (stochastic
+    weight averaging of one run's snapshots, or a soup of fine-tunes of one model). Sums in float64, so
+    the result does not depend on the order beyond the last bit of fp32; ``others`` is read one model at
+    a time (an iterator of loads keeps one in memory). Integer buffers must be equal; the config,
+    tokenizer and weight names the same, as for ``interpolate``."""
+    sums = {k: v.double() if v.is_floating_point() else v for k, v in first.state_dict().items()}
+    n = 1
+    for other in others:
+        _check_same_weights(first, other)
+        for k, w in other.state_dict().items():
+            if sums[k].is_floating_point():
+                sums[k] += w.double()
+            else:
+                _equal_integer_buffer(k, sums[k], w)
+        n += 1
+    ref = first.state_dict()
+    first.load_state_dict({k: (v / n).to(ref[k].dtype) if v.is_floating_point() else v for k, v in sums.items()})
+    return first
 
 
 def save_model(

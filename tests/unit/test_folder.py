@@ -372,3 +372,32 @@ def test_cli_convert_mix_interpolates_every_weight(tokenizer, tiny_config, tmp_p
                                     tokenizer, seed=5), tmp_path / "w")
     code = main(["convert", str(a), str(tmp_path / "x"), "--mix", str(wider), "--alpha", "0.5"])
     assert code == 2 and "architecture" in capsys.readouterr().err
+
+
+def test_cli_convert_average_is_the_mean_of_every_weight(tokenizer, tiny_config, tmp_path, capsys):
+    from vqdiff.cli import main
+
+    folders = [save_model(random_model(tiny_config, tokenizer, seed=s), tmp_path / f"m{s}") for s in (5, 6, 7)]
+    code = main(["convert", str(folders[0]), str(tmp_path / "avg"), "--average", *map(str, folders[1:])])
+    assert code == 0, capsys.readouterr().err
+    states = [load_model(f).state_dict() for f in folders]
+    mean = load_model(tmp_path / "avg").state_dict()
+    moved = 0
+    for k, v in mean.items():
+        if v.is_floating_point():  # the bits are ours: a float64 sum over the three, divided, rounded once
+            assert torch.equal(v, (sum(s[k].double() for s in states) / 3).float()), k
+            moved += not torch.equal(v, states[0][k])
+        else:
+            assert torch.equal(v, states[0][k]), k
+    assert moved > 10
+    code = main(["convert", str(folders[0]), str(tmp_path / "self"), "--average", str(folders[0])])
+    assert code == 0
+    for k, v in load_model(tmp_path / "self").state_dict().items():
+        assert torch.equal(v, states[0][k]), k  # a model averaged with itself is itself, bit for bit
+    capsys.readouterr()
+    wider = save_model(random_model(replace(tiny_config, transformer=replace(tiny_config.transformer, num_layers=1)),
+                                    tokenizer, seed=5), tmp_path / "w")
+    for bad, err in ((["--average", str(folders[1]), str(wider)], "architecture"),
+                     (["--average", str(folders[1]), "--mix", str(folders[2]), "--alpha", "0.5"], "give one")):
+        code = main(["convert", str(folders[0]), str(tmp_path / "x"), *bad])
+        assert code == 2 and err in capsys.readouterr().err and not (tmp_path / "x").exists()
