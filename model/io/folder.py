@@ -369,17 +369,15 @@ def _readable(root: Path) -> None:
         path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
 
 
-@torch.no_grad()
-def _check_same_weights(a: VQDiffusion, b: VQDiffusion) -> None:
-    """Loud unless ``a`` and ``b`` can be combined weight by weight: the same config, tokenizer and
-    weight names (a model and a fine-tune of it, or snapshots of one run)."""
+def _check_same_weights(a: VQDiffusion, b: VQDiffusion, sa: dict, sb: dict) -> None:
+    """Loud unless ``a`` and ``b`` (state dicts ``sa``, ``sb``) can be combined weight by weight: the
+    same config, tokenizer and weight names (a model and a fine-tune of it, or snapshots of one run)."""
     if a.config != b.config:
-        raise ModelFolderError("the two models differ in architecture (config); only the same one interpolates")
+        raise ModelFolderError("the two models differ in architecture (config); only the same one combines")
     if a.text_encoder.tokenizer.get_vocab() != b.text_encoder.tokenizer.get_vocab():
         raise ModelFolderError("the two models' tokenizers differ; their text embeddings do not correspond")
-    ka, kb = a.state_dict().keys(), b.state_dict().keys()
-    if ka != kb:
-        raise ModelFolderError(f"the two models hold different weights: {sorted(set(ka) ^ set(kb))[:5]}")
+    if sa.keys() != sb.keys():
+        raise ModelFolderError(f"the two models hold different weights: {sorted(set(sa) ^ set(sb))[:5]}")
 
 
 def _equal_integer_buffer(k: str, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -388,37 +386,40 @@ def _equal_integer_buffer(k: str, v: torch.Tensor, w: torch.Tensor) -> torch.Ten
     return v
 
 
+@torch.no_grad()
 def interpolate(a: VQDiffusion, b: VQDiffusion, alpha: float) -> VQDiffusion:
     """``a`` with every floating-point weight set to (1 - alpha) a + alpha b (integer buffers must be
     equal). The two must share config and tokenizer: a model and a fine-tune of it, say."""
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha: {alpha} is not allowed; expected a number in [0, 1]")
-    _check_same_weights(a, b)
     sa, sb = a.state_dict(), b.state_dict()
+    _check_same_weights(a, b, sa, sb)
     mixed = {k: torch.lerp(v, sb[k].to(v.dtype), alpha) if v.is_floating_point()  # out of place: tied weights once
              else _equal_integer_buffer(k, v, sb[k]) for k, v in sa.items()}
     a.load_state_dict(mixed)
     return a
 
 
+@torch.no_grad()
 def average(first: VQDiffusion, others: Iterable[VQDiffusion]) -> VQDiffusion:
     """``first`` with every floating-point weight set to the mean over ``first`` and ``others`` (stochastic
     weight averaging of one run's snapshots, or a soup of fine-tunes of one model). Sums in float64, so
     the result does not depend on the order beyond the last bit of fp32; ``others`` is read one model at
     a time (an iterator of loads keeps one in memory). Integer buffers must be equal; the config,
     tokenizer and weight names the same, as for ``interpolate``."""
-    sums = {k: v.double() if v.is_floating_point() else v for k, v in first.state_dict().items()}
+    s0 = first.state_dict()
+    sums = {k: v.double() if v.is_floating_point() else v for k, v in s0.items()}
     n = 1
     for other in others:
-        _check_same_weights(first, other)
-        for k, w in other.state_dict().items():
+        so = other.state_dict()
+        _check_same_weights(first, other, s0, so)
+        for k, w in so.items():
             if sums[k].is_floating_point():
                 sums[k] += w.double()
             else:
                 _equal_integer_buffer(k, sums[k], w)
         n += 1
-    ref = first.state_dict()
-    first.load_state_dict({k: (v / n).to(ref[k].dtype) if v.is_floating_point() else v for k, v in sums.items()})
+    first.load_state_dict({k: (v / n).to(s0[k].dtype) if v.is_floating_point() else v for k, v in sums.items()})
     return first
 
 
