@@ -81,6 +81,8 @@ class TransformerTrainConfig:
                                             "--steps (at most the given value) so that the cosine tail ends in time")
     log_every: int = arg(50, "steps between train.log records")
     ckpt_every: int = arg(250, "steps between checkpoints (OUT/model/ is rewritten at each)")
+    keep_snapshots: bool = arg(False, "also write each checkpoint's model to OUT/snapshots/STEP/ and keep it "
+                                      "(the folders `vqdiff convert --average` averages)")
     seed: int = arg(0, "the seed of the batch order and every draw")
     teacher: str | None = arg(None, "a model folder whose x0 predictions the run keeps to on captioned samples: "
                                     "the loss adds teacher_weight x KL(teacher || model) (learning without forgetting)")
@@ -350,6 +352,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
             bar.set_postfix(loss=rec["loss"], acc=rec["masked_acc"])
         if step % cfg.ckpt_every == 0 or step == cfg.steps or over:
             save_model(model.eval(), out / "model", overwrite=True)
+            if cfg.keep_snapshots:
+                save_model(model, out / "snapshots" / str(step), overwrite=True)
             model.train()
             model.vqvae.eval()
             save_checkpoint({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),

@@ -62,6 +62,17 @@ def test_resumed_equals_uninterrupted(run):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_kept_snapshots_are_the_model_at_each_checkpoint(run):
+    kept = train_transformer(_cfg(run, "k", steps=4, keep_snapshots=True), progress=False).parent
+    assert sorted(p.name for p in (kept / "snapshots").iterdir()) == ["2", "4"]
+    final, at2 = _state(kept / "model"), _state(kept / "snapshots" / "2")
+    assert all(torch.equal(final[k], v) for k, v in _state(kept / "snapshots" / "4").items())
+    short = _state(train_transformer(_cfg(run, "k2", steps=2), progress=False))
+    assert all(torch.equal(short[k], v) for k, v in at2.items())
+    assert not all(torch.equal(final[k], v) for k, v in at2.items())
+    assert not (run[0] / "k2" / "snapshots").exists()
+
+
 def _held_loss(folder, data) -> float:
     """Mean loss of a model folder on a fixed set: every image at a fixed grid of t, fixed noise."""
     from vqdiff.model.train.data import ImageCaptionFolder
