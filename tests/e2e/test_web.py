@@ -125,8 +125,12 @@ def test_generate_streams_previews_then_the_image(page, tiny_config):
     expect(page.locator("#error")).to_be_empty()
     srcs = page.evaluate("window.srcs")
     final = page.get_attribute("#preview", "src")
-    previews = [s for s in srcs if s is not None and s != final]  # None: the page's empty image
-    assert len(set(previews)) >= 3, f"{len(previews)} previews, {len(set(previews))} distinct"  # steps 2, 4, 6
+    # the page's empty image, then one preview per progress event at steps 2, 4 and 6. Their pixels are
+    # the model's business, not the page's: a confident model's 'predicted' preview may already be the
+    # final image, so the count of images shown is what is asserted, not how many differ
+    assert srcs[0] is None, srcs[:1]
+    previews = srcs[1:]
+    assert len(previews) == 3 and None not in previews, f"{len(previews)} previews shown before the final image"
     size = tiny_config.image_size
     for url in {*previews, final}:
         image = _png(url)
