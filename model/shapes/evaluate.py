@@ -99,6 +99,13 @@ def fact_tally(parsed: grade.Parsed, stated: shapes.Stated) -> dict[str, tuple[i
     return tally
 
 
+def shows_heldout(parsed: grade.Parsed) -> bool:
+    """Whether an image draws a held-out (colour, shape) pair. A train-split prompt never asks for one:
+    in its images a held-out pair is a composition the model learnt elsewhere, drawn where the
+    caption leaves it open or in place of a stated fact."""
+    return any(o.shape is not None and (o.colour, o.shape) in shapes.HELDOUT for o in parsed.objects)
+
+
 def _signature(parsed: grade.Parsed) -> tuple:
     """A coarse description of what an image shows, to count distinct outcomes of one prompt."""
     return tuple(sorted((o.shape or "?", o.colour, o.size, round(o.cx / 4), round(o.cy / 4)) for o in parsed.objects))
@@ -113,7 +120,8 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     (distinct outcomes per prompt / samples; only with samples > 1), and the images (uint8) in prompt
     order for a grid; ``failures`` counts why images miss (``failure``) and ``facts`` maps each kind of
     stated fact to (shown, stated) summed over the images with the right object count (``fact_tally``),
-    which says what the model gets wrong. With ``features`` (a ``vqdiff.model.shapes.features.FeatureNet``), also ``fd``: the Fréchet
+    which says what the model gets wrong; ``heldout_drawn`` is (images that draw a held-out pair, how
+    many of those miss their prompt) (``shows_heldout``). With ``features`` (a ``vqdiff.model.shapes.features.FeatureNet``), also ``fd``: the Fréchet
     distance between the generated images and one real image drawn for each prompt.
     """
     from dataclasses import replace
@@ -124,6 +132,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     prompts = shapes.prompt_set(kind, split, n, seed=seed)
     jobs = [(p, replace(base, seed=seed * 1_000_003 + i * samples + j)) for i, p in enumerate(prompts) for j in range(samples)]
     images, faithful, clean, signatures, failures, facts = [], [], [], {}, {}, {}
+    heldout_drawn = [0, 0]  # images that draw a held-out pair, of them misses
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         out = to_uint8(sample(model, [p[0] for p, _ in chunk], [q for _, q in chunk]).images)
@@ -135,6 +144,9 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
             faithful.append(why is None)
             if why is not None:
                 failures[why] = failures.get(why, 0) + 1
+            if shows_heldout(parsed):
+                heldout_drawn[0] += 1
+                heldout_drawn[1] += why is not None
             for fact, (shown, n_stated) in fact_tally(parsed, stated).items():
                 a, b = facts.get(fact, (0, 0))
                 facts[fact] = (a + shown, b + n_stated)
@@ -143,7 +155,8 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
             on_batch(len(images), len(jobs))
     result = {"kind": kind, "split": split, "prompts": n, "samples": samples,
               "fidelity": float(np.mean(faithful)), "quality": float(np.mean(clean)), "images": np.stack(images),
-              "failures": failures, "facts": facts}
+              "failures": failures, "facts": facts,
+              "heldout_drawn": tuple(heldout_drawn)}
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
     if features is not None:
@@ -186,6 +199,9 @@ def format_report(rows: list[dict], params, model: str | Path) -> str:
     for r in rows:
         shown = ", ".join(f"{k} {a / n:.2f} ({a}/{n})" for k, (a, n) in sorted(r["facts"].items())) or "none"
         lines.append(f"facts shown, right-count images ({r['kind']}, {r['split']}): {shown}")
+    for r in rows:
+        drawn, missed = r["heldout_drawn"]
+        lines.append(f"held-out pairs drawn ({r['kind']}, {r['split']}): in {drawn} images, {missed} of them misses")
     return "\n".join(lines)
 
 

@@ -115,3 +115,21 @@ def test_evaluate_reports_facts(monkeypatch):
     r = evaluate(_Fake(), "one", "train", 12, 1, P)
     assert r["facts"] and all(a == n and n > 0 for a, n in r["facts"].values())  # a perfect drawer shows every fact
     assert sum(n for _, n in r["facts"].values()) >= 12
+
+
+def test_evaluate_counts_images_that_draw_a_heldout_pair(monkeypatch):
+    _patch(monkeypatch, "two", "heldout", 10, lambda scene, seed: shapes.render(scene))
+    assert evaluate(_Fake(), "two", "heldout", 10, 1, P)["heldout_drawn"] == (10, 0)  # each asks for one, drawn
+
+    _patch(monkeypatch, "one", "train", 30, lambda scene, seed: shapes.render(scene))
+    assert evaluate(_Fake(), "one", "train", 30, 1, P)["heldout_drawn"] == (0, 0)  # the train split never draws one
+
+    def red_triangles(scene, seed):  # every object a red triangle: drawn in every image, a miss where stated otherwise
+        return shapes.render(replace(scene, objects=tuple(replace(o, colour="red", shape="triangle") for o in scene.objects)))
+
+    _patch(monkeypatch, "one", "train", 30, red_triangles)
+    r = evaluate(_Fake(), "one", "train", 30, 1, P)
+    asked_otherwise = sum(any(m.shape not in (None, "triangle") or m.colour not in (None, "red") for m in s.mentions)
+                          for _, s in shapes.prompt_set("one", "train", 30))
+    assert r["heldout_drawn"] == (30, asked_otherwise) and 0 < asked_otherwise < 30
+    assert r["fidelity"] == pytest.approx(1 - asked_otherwise / 30)
