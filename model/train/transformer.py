@@ -72,6 +72,9 @@ class TransformerTrainConfig:
     only_null: bool = arg(False, "train only the learnable null (the rest frozen)")
     text_encoder: str | None = arg(None, "use this text encoder and tokenizer (OUT of `vqdiff train clip`, or a model folder)")
     freeze_text: bool = arg(False, "keep the text encoder fixed, as the paper keeps CLIP")
+    train_only: str | None = arg(None, "a regular expression: of the parameters the run would train, train only those "
+                                       "whose names it matches (re.search over the model's names, e.g. "
+                                       "'attn2\\.to_[kv]\\.' for the cross-attention's keys and values); the rest fixed")
     aux_weight: float | None = arg(None, "weight of the auxiliary x0 cross-entropy beside the KL (none: the preset's, "
                                          "as released; larger weights favour the noisiest steps)")
     precision: str = arg("fp32", "bf16: the forward under bf16 autocast; weights, optimizer and loss stay fp32 "
@@ -113,6 +116,11 @@ class TransformerTrainConfig:
             raise ValueError(f"teacher_weight: {self.teacher_weight} is not allowed; expected a finite number >= 0")
         if self.teacher is None and (self.teacher_skip is not None or self.teacher_on_null):
             raise ValueError("teacher_skip and teacher_on_null choose the samples of a teacher's term: they need teacher")
+        if self.train_only is not None:
+            try:
+                re.compile(self.train_only)
+            except re.error as e:
+                raise ValueError(f"train_only: {self.train_only!r} is not a regular expression ({e})") from None
         if self.teacher_skip is not None:
             try:
                 re.compile(self.teacher_skip)
@@ -254,6 +262,11 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     trainable = [model.null_cond] if cfg.only_null else [
         m for m in (model.transformer, model.text_encoder if text_trains else None, model.null_cond) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
+    if cfg.train_only is not None:
+        chosen, pattern = {id(p) for p in params}, re.compile(cfg.train_only)
+        params = [p for n, p in model.named_parameters() if id(p) in chosen and pattern.search(n)]
+        if not params:
+            raise ValueError(f"train_only: {cfg.train_only!r} matches no parameter the run would train")
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:

@@ -109,6 +109,22 @@ def test_null_cond_fine_tune_only_moves_the_null(run):
     assert changed == {"null_cond.embeddings"}
 
 
+def test_train_only_moves_just_the_matched_parameters(run):
+    base = train_transformer(_cfg(run, "b2", steps=2), progress=False)
+    before = _state(base)
+    tuned = train_transformer(_cfg(run, "kv", vqvae=None, init=str(base), steps=3, lr=1e-2, freeze_text=True,
+                                   train_only=r"attn2\.to_[kv]\."), progress=False)
+    after = _state(tuned)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    kv = {k for k in before if k.startswith("transformer.") and (".attn2.to_k." in k or ".attn2.to_v." in k)}
+    assert kv and changed == kv
+    with pytest.raises(ValueError, match="matches no parameter"):  # the text encoder is fixed: nothing to train
+        train_transformer(_cfg(run, "kv2", vqvae=None, init=str(base), steps=1, freeze_text=True,
+                               train_only=r"^text_encoder\."), progress=False)
+    with pytest.raises(ValueError, match="not a regular expression"):
+        _cfg(run, "x", train_only="attn2[")
+
+
 def test_null_modes(run):
     folder = train_transformer(_cfg(run, "e", steps=2, null_mode="empty"), progress=False)
     assert load_model(folder).null_cond is None  # "guidance with a null text": no learnable null in the model
