@@ -78,25 +78,50 @@ def failure(parsed: grade.Parsed, stated: shapes.Stated) -> str | None:
     return "relation" if grade.satisfies(parsed, replace(stated, relation=None)) else "attributes"
 
 
+def best_assignment(parsed: grade.Parsed, stated: shapes.Stated) -> tuple[tuple, list[tuple[str, bool]]]:
+    """The objects in mention order and their facts, under the assignment that shows the most stated
+    facts (the first such); ((), []) unless the image has the stated number of objects."""
+    if len(parsed.objects) != len(stated.mentions):
+        return (), []
+    best, best_facts, best_shown = (), [], -1
+    for perm in itertools.permutations(parsed.objects):
+        facts = grade.assignment_facts(perm, stated)
+        shown = sum(ok for _, ok in facts)
+        if shown > best_shown:
+            best, best_facts, best_shown = perm, facts, shown
+    return best, best_facts
+
+
 def fact_tally(parsed: grade.Parsed, stated: shapes.Stated) -> dict[str, tuple[int, int]]:
     """Per kind of stated fact (shape, colour, size, place, relation): (shown, stated) in one image.
 
     Objects are assigned to mentions the way that shows the most stated facts. Only images with the
     stated number of objects are tallied ({} otherwise: those miss as ``count``). An unclean image
     is tallied too; a blob of no recognisable shape shows no shape."""
-    if len(parsed.objects) != len(stated.mentions):
-        return {}
-    best, best_shown = [], -1
-    for perm in itertools.permutations(parsed.objects):
-        facts = grade.assignment_facts(perm, stated)
-        shown = sum(ok for _, ok in facts)
-        if shown > best_shown:
-            best, best_shown = facts, shown
     tally: dict[str, tuple[int, int]] = {}
-    for kind, ok in best:
+    for kind, ok in best_assignment(parsed, stated)[1]:
         got, n = tally.get(kind, (0, 0))
         tally[kind] = (got + int(ok), n + 1)
     return tally
+
+
+SHAPE_MISSES = ("another mention's", "held-out pair", "another shape", "no shape")
+
+
+def shape_misses(parsed: grade.Parsed, stated: shapes.Stated) -> dict[str, int]:
+    """What is drawn where a stated shape is not, under ``best_assignment``: the shape another mention
+    of the caption states (a shape carried across objects), a held-out (colour, shape) pair, another
+    shape, or no recognisable shape. Keys of ``SHAPE_MISSES``."""
+    objs, _ = best_assignment(parsed, stated)
+    out: dict[str, int] = {}
+    for i, (o, m) in enumerate(zip(objs, stated.mentions)):
+        if m.shape is None or o.shape == m.shape:
+            continue
+        others = {mm.shape for j, mm in enumerate(stated.mentions) if j != i}
+        why = ("no shape" if o.shape is None else "another mention's" if o.shape in others
+               else "held-out pair" if (o.colour, o.shape) in shapes.HELDOUT else "another shape")
+        out[why] = out.get(why, 0) + 1
+    return out
 
 
 def shows_heldout(parsed: grade.Parsed) -> bool:
@@ -121,7 +146,8 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     order for a grid; ``failures`` counts why images miss (``failure``) and ``facts`` maps each kind of
     stated fact to (shown, stated) summed over the images with the right object count (``fact_tally``),
     which says what the model gets wrong; ``heldout_drawn`` is (images that draw a held-out pair, how
-    many of those miss their prompt) (``shows_heldout``). With ``features`` (a ``vqdiff.model.shapes.features.FeatureNet``), also ``fd``: the Fréchet
+    many of those miss their prompt) (``shows_heldout``); ``shapes_missed`` says what the images that miss
+    on attributes draw where a stated shape is not (``shape_misses``). With ``features`` (a ``vqdiff.model.shapes.features.FeatureNet``), also ``fd``: the Fréchet
     distance between the generated images and one real image drawn for each prompt.
     """
     from dataclasses import replace
@@ -133,6 +159,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     jobs = [(p, replace(base, seed=seed * 1_000_003 + i * samples + j)) for i, p in enumerate(prompts) for j in range(samples)]
     images, faithful, clean, signatures, failures, facts = [], [], [], {}, {}, {}
     heldout_drawn = [0, 0]  # images that draw a held-out pair, of them misses
+    shapes_missed: dict[str, int] = {}  # in the images that miss on attributes: what is drawn instead
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         out = to_uint8(sample(model, [p[0] for p, _ in chunk], [q for _, q in chunk]).images)
@@ -144,6 +171,9 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
             faithful.append(why is None)
             if why is not None:
                 failures[why] = failures.get(why, 0) + 1
+            if why == "attributes":
+                for k2, v in shape_misses(parsed, stated).items():
+                    shapes_missed[k2] = shapes_missed.get(k2, 0) + v
             if shows_heldout(parsed):
                 heldout_drawn[0] += 1
                 heldout_drawn[1] += why is not None
@@ -156,7 +186,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     result = {"kind": kind, "split": split, "prompts": n, "samples": samples,
               "fidelity": float(np.mean(faithful)), "quality": float(np.mean(clean)), "images": np.stack(images),
               "failures": failures, "facts": facts,
-              "heldout_drawn": tuple(heldout_drawn)}
+              "heldout_drawn": tuple(heldout_drawn), "shapes_missed": shapes_missed}
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
     if features is not None:
@@ -202,6 +232,10 @@ def format_report(rows: list[dict], params, model: str | Path) -> str:
     for r in rows:
         drawn, missed = r["heldout_drawn"]
         lines.append(f"held-out pairs drawn ({r['kind']}, {r['split']}): in {drawn} images, {missed} of them misses")
+    for r in rows:
+        m = r["shapes_missed"]
+        lines.append(f"stated shapes missed in attribute misses ({r['kind']}, {r['split']}): {sum(m.values())}: "
+                     + ", ".join(f"{k} {m.get(k, 0)}" for k in SHAPE_MISSES))
     return "\n".join(lines)
 
 

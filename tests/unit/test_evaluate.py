@@ -110,6 +110,25 @@ def test_fact_tally_picks_the_best_assignment_and_counts_each_fact():
     assert fact_tally(grade.Parsed((right,), clean=True), placed) == {"colour": (1, 1), "place": (0, 1)}
 
 
+def test_shape_misses_say_what_is_drawn_instead():
+    from vqdiff.model.shapes import grade
+    from vqdiff.model.shapes import scenes as shapes
+    from vqdiff.model.shapes.evaluate import shape_misses
+
+    stated = shapes.Stated((shapes.Mention("square", "red", None), shapes.Mention("circle", "yellow", None)))
+    obj = lambda shape, colour, cx: grade.ParsedObj(shape, colour, "small", cx, 16)  # noqa: E731
+    both = lambda a, b: grade.Parsed((a, b), clean=True)  # noqa: E731
+    assert shape_misses(both(obj("square", "red", 6), obj("circle", "yellow", 26)), stated) == {}
+    # the red square drawn with the circle's shape: carried across from the other mention
+    assert shape_misses(both(obj("circle", "red", 6), obj("circle", "yellow", 26)), stated) == {"another mention's": 1}
+    assert shape_misses(both(obj("triangle", "red", 6), obj("circle", "yellow", 26)), stated) == {"held-out pair": 1}
+    yellow = shapes.Stated((shapes.Mention("square", "yellow", None), shapes.Mention("circle", "red", None)))
+    assert shape_misses(both(obj("triangle", "yellow", 6), obj("circle", "red", 26)), yellow) == {"another shape": 1}
+    assert shape_misses(both(obj(None, "yellow", 6), obj("square", "red", 26)), yellow) == {
+        "no shape": 1, "another mention's": 1}
+    assert shape_misses(grade.Parsed((obj("circle", "red", 6),), clean=True), stated) == {}  # a count miss
+
+
 def test_evaluate_reports_facts(monkeypatch):
     _patch(monkeypatch, "one", "train", 12, lambda scene, seed: shapes.render(scene))
     r = evaluate(_Fake(), "one", "train", 12, 1, P)
@@ -132,4 +151,7 @@ def test_evaluate_counts_images_that_draw_a_heldout_pair(monkeypatch):
     asked_otherwise = sum(any(m.shape not in (None, "triangle") or m.colour not in (None, "red") for m in s.mentions)
                           for _, s in shapes.prompt_set("one", "train", 30))
     assert r["heldout_drawn"] == (30, asked_otherwise) and 0 < asked_otherwise < 30
+    shapes_asked = sum(sum(m.shape not in (None, "triangle") for m in s.mentions)
+                       for _, s in shapes.prompt_set("one", "train", 30))
+    assert r["shapes_missed"] == ({"held-out pair": shapes_asked} if shapes_asked else {})
     assert r["fidelity"] == pytest.approx(1 - asked_otherwise / 30)
