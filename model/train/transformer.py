@@ -116,16 +116,13 @@ class TransformerTrainConfig:
             raise ValueError(f"teacher_weight: {self.teacher_weight} is not allowed; expected a finite number >= 0")
         if self.teacher is None and (self.teacher_skip is not None or self.teacher_on_null):
             raise ValueError("teacher_skip and teacher_on_null choose the samples of a teacher's term: they need teacher")
-        if self.train_only is not None:
-            try:
-                re.compile(self.train_only)
-            except re.error as e:
-                raise ValueError(f"train_only: {self.train_only!r} is not a regular expression ({e})") from None
-        if self.teacher_skip is not None:
-            try:
-                re.compile(self.teacher_skip)
-            except re.error as e:
-                raise ValueError(f"teacher_skip: {self.teacher_skip!r} is not a regular expression ({e})") from None
+        for name in ("train_only", "teacher_skip"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{name}: {pattern!r} is not a regular expression ({e})") from None
 
 
 def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
