@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqdiff.model.shapes import grade
+from vqdiff.model.shapes import grade, paired
 from vqdiff.model.shapes import scenes as shapes
 
 
@@ -160,6 +160,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     images, faithful, clean, signatures, failures, facts = [], [], [], {}, {}, {}
     heldout_drawn = [0, 0]  # images that draw a held-out pair, of them misses
     shapes_missed: dict[str, int] = {}  # in the images that miss on attributes: what is drawn instead
+    outcomes = []  # one per image, in job order: what `--outcomes` writes (model/shapes/paired.py)
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         out = to_uint8(sample(model, [p[0] for p, _ in chunk], [q for _, q in chunk]).images)
@@ -169,6 +170,8 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
             clean.append(parsed.clean)
             why = failure(parsed, stated)
             faithful.append(why is None)
+            outcomes.append({"prompt": (start + k) // samples, "sample": (start + k) % samples, "caption": caption,
+                             "failure": why})
             if why is not None:
                 failures[why] = failures.get(why, 0) + 1
             if why == "attributes":
@@ -186,7 +189,11 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     result = {"kind": kind, "split": split, "prompts": n, "samples": samples,
               "fidelity": float(np.mean(faithful)), "quality": float(np.mean(clean)), "images": np.stack(images),
               "failures": failures, "facts": facts,
-              "heldout_drawn": tuple(heldout_drawn), "shapes_missed": shapes_missed}
+              "heldout_drawn": tuple(heldout_drawn), "shapes_missed": shapes_missed, "outcomes": outcomes}
+    # standard errors over prompts (an image's outcome depends on its prompt, so a prompt's samples
+    # are one unit): the spread of the per-prompt means / sqrt(n)
+    for name, hits in (("fidelity", faithful), ("quality", clean)):
+        result[f"{name}_se"] = prompt_se(np.asarray(hits, np.float64).reshape(n, samples).mean(1))
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
     if features is not None:
@@ -196,6 +203,12 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
         real = np.stack([shapes.render(scene, size) for _, _, scene in shapes.prompt_scenes(kind, split, n, seed=seed)])
         result["fd"] = frechet_distance(embed(features, result["images"]), embed(features, real))
     return result
+
+
+def prompt_se(per_prompt: np.ndarray) -> float:
+    """Standard error of the mean of (n,) per-prompt scores (nan below two prompts)."""
+    n = per_prompt.shape[0]
+    return float(per_prompt.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
 
 
 def grid(images: np.ndarray, columns: int = 8, scale: int = 4) -> np.ndarray:
@@ -223,6 +236,9 @@ def format_report(rows: list[dict], params, model: str | Path) -> str:
         fd = f"{r['fd']:8.3f}" if "fd" in r else f"{'-':>8s}"
         lines.append(f"{r['kind']:6s} {r['split']:8s} {r['prompts']:7d} {r['samples']:7d} {r['fidelity']:8.3f} "
                      f"{r['quality']:8.3f} {div} {fd}")
+    for r in rows:
+        lines.append(f"standard errors over prompts ({r['kind']}, {r['split']}): fidelity {r['fidelity_se']:.3f}, "
+                     f"quality {r['quality_se']:.3f}")
     for r in rows:
         why = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items(), key=lambda kv: -kv[1])) or "none"
         lines.append(f"misses ({r['kind']}, {r['split']}): {why}")
@@ -255,6 +271,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=1, help="images per prompt (> 1 measures diversity)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="write the images as one PNG grid")
+    parser.add_argument("--outcomes", type=Path, help="write each image's outcome (JSON lines: prompt, caption, "
+                                                       "failure) for a paired comparison (model/shapes/paired.py)")
+    parser.add_argument("--against", type=Path, help="an --outcomes file of another run on the same prompts: also "
+                                                      "print the paired difference of fidelity and its standard error")
     parser.add_argument("--features", type=Path, default=None,
                         help="feature network for the Fréchet distance (default: models/features when present)")
     add_model_arguments(parser)
@@ -279,13 +299,23 @@ def run(args: argparse.Namespace) -> None:
     c = model.config.transformer
     params.resolve(num_tokens=c.num_tokens, num_timesteps=c.num_timesteps, has_null=model.null_cond is not None, seed=0)
     if args.task != "generate":
+        if args.outcomes or args.against:
+            raise ValueError("--outcomes and --against are for --task generate")
         return run_edit_task(args, model, params)
+    other = None
+    if args.against is not None:  # a file that cannot pair fails before the run
+        other = paired.read_outcomes(args.against)
+        paired.check_pairable(other, args.kind.split(","), args.split, args.seed)
     rows = []
     for kind in args.kind.split(","):
         with tqdm(total=args.n * args.samples, desc=f"eval {kind}", unit="img", disable=args.quiet) as bar:
             rows.append(evaluate(model, kind, args.split, args.n, args.samples, params, seed=args.seed,
                                  on_batch=lambda done, total: bar.update(done - bar.n), features=features))
     print(format_report(rows, params, args.model))
+    if args.outcomes:
+        paired.write_outcomes(args.outcomes, rows, args.seed)
+    if other is not None:
+        print(paired.format_paired(paired.paired_difference(paired.flatten(rows, args.seed), other), args.against))
     if args.grid:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid(np.concatenate([r["images"] for r in rows]))).save(args.grid)

@@ -155,3 +155,22 @@ def test_evaluate_counts_images_that_draw_a_heldout_pair(monkeypatch):
                        for _, s in shapes.prompt_set("one", "train", 30))
     assert r["shapes_missed"] == ({"held-out pair": shapes_asked} if shapes_asked else {})
     assert r["fidelity"] == pytest.approx(1 - asked_otherwise / 30)
+
+
+def test_outcomes_and_standard_errors_follow_the_images(monkeypatch):
+    def by_seed(scene, seed):  # odd image seeds draw a blank image (a count miss), even ones the scene
+        return np.full((32, 32, 3), 255, np.uint8) if seed % 2 else shapes.render(scene)
+
+    _patch(monkeypatch, "one", "train", 10, by_seed)
+    r = evaluate(_Fake(), "one", "train", n=10, samples=2, params=P, seed=0)
+    o = r["outcomes"]
+    assert [(x["prompt"], x["sample"]) for x in o] == [(i, j) for i in range(10) for j in range(2)]
+    assert [x["caption"] for x in o[::2]] == [c for c, _ in shapes.prompt_set("one", "train", 10)]
+    assert [x["failure"] for x in o] == [None, "count"] * 10  # image seed = prompt * 2 + sample
+    assert r["fidelity"] == 0.5 and r["fidelity_se"] == 0.0  # every prompt scores 0.5: no spread over prompts
+    assert r["quality"] == 1.0 and r["quality_se"] == 0.0  # a blank image is clean, only empty
+
+    _patch(monkeypatch, "one", "train", 10, by_seed)
+    r = evaluate(_Fake(), "one", "train", n=10, samples=1, params=P, seed=0)
+    hits = np.array([x["failure"] is None for x in r["outcomes"]], float)  # alternating 1, 0
+    assert r["fidelity"] == 0.5 and r["fidelity_se"] == pytest.approx(hits.std(ddof=1) / np.sqrt(10))
