@@ -59,10 +59,9 @@ def evaluate_model(args: argparse.Namespace) -> None:
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (nan with fewer than two values)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, math.nan
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    from vqdiff.model.shapes.paired import standard_error
+
+    return sum(xs) / len(xs), standard_error(xs)
 
 
 def read_rows(paths: list[str]) -> list[dict]:

@@ -193,7 +193,7 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
     # standard errors over prompts (an image's outcome depends on its prompt, so a prompt's samples
     # are one unit): the spread of the per-prompt means / sqrt(n)
     for name, hits in (("fidelity", faithful), ("quality", clean)):
-        result[f"{name}_se"] = prompt_se(np.asarray(hits, np.float64).reshape(n, samples).mean(1))
+        result[f"{name}_se"] = paired.standard_error(np.asarray(hits, np.float64).reshape(n, samples).mean(1))
     if samples > 1:
         result["diversity"] = float(np.mean([len(s) / samples for s in signatures.values()]))
     if features is not None:
@@ -203,12 +203,6 @@ def evaluate(model, kind: str, split: str = "train", n: int = 100, samples: int 
         real = np.stack([shapes.render(scene, size) for _, _, scene in shapes.prompt_scenes(kind, split, n, seed=seed)])
         result["fd"] = frechet_distance(embed(features, result["images"]), embed(features, real))
     return result
-
-
-def prompt_se(per_prompt: np.ndarray) -> float:
-    """Standard error of the mean of (n,) per-prompt scores (nan below two prompts)."""
-    n = per_prompt.shape[0]
-    return float(per_prompt.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
 
 
 def grid(images: np.ndarray, columns: int = 8, scale: int = 4) -> np.ndarray:
@@ -312,10 +306,11 @@ def run(args: argparse.Namespace) -> None:
             rows.append(evaluate(model, kind, args.split, args.n, args.samples, params, seed=args.seed,
                                  on_batch=lambda done, total: bar.update(done - bar.n), features=features))
     print(format_report(rows, params, args.model))
+    mine = paired.flatten(rows, args.seed)
     if args.outcomes:
-        paired.write_outcomes(args.outcomes, rows, args.seed)
+        paired.write_outcomes(args.outcomes, mine)
     if other is not None:
-        print(paired.format_paired(paired.paired_difference(paired.flatten(rows, args.seed), other), args.against))
+        print(paired.format_paired(paired.paired_difference(mine, other), args.against))
     if args.grid:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid(np.concatenate([r["images"] for r in rows]))).save(args.grid)

@@ -24,17 +24,23 @@ import numpy as np
 KEYS = ("kind", "split", "seed", "prompt", "sample", "caption", "failure")
 
 
+def standard_error(x) -> float:
+    """Standard error of the mean of a sequence of numbers (nan below two): their spread (ddof 1) / sqrt(n)."""
+    x = np.asarray(x, np.float64)
+    return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")
+
+
 def flatten(rows: list[dict], seed: int) -> list[dict]:
     """The outcomes of ``evaluate`` results (one per kind and split, prompt seed ``seed``), one dict
     per image with every key of ``KEYS``."""
     return [{"kind": r["kind"], "split": r["split"], "seed": seed, **o} for r in rows for o in r["outcomes"]]
 
 
-def write_outcomes(path: str | Path, rows: list[dict], seed: int) -> None:
-    """``flatten(rows, seed)`` as JSON lines."""
+def write_outcomes(path: str | Path, outcomes: list[dict]) -> None:
+    """Outcomes (``flatten``'s) as JSON lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(o) + "\n" for o in flatten(rows, seed)))
+    path.write_text("".join(json.dumps(o) + "\n" for o in outcomes))
 
 
 def read_outcomes(path: str | Path) -> list[dict]:
@@ -97,9 +103,8 @@ def paired_difference(this: list[dict], other: list[dict]) -> list[dict]:
         fa = np.array([np.mean(pa[k][1]) for k in keys])  # (n,) per-prompt fidelity
         fb = np.array([np.mean(pb[k][1]) for k in keys])
         d = fa - fb
-        n = len(keys)
-        out.append({"kind": kind, "split": split, "prompts": n, "this": float(fa.mean()), "other": float(fb.mean()),
-                    "difference": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        out.append({"kind": kind, "split": split, "prompts": len(keys), "this": float(fa.mean()),
+                    "other": float(fb.mean()), "difference": float(d.mean()), "se": standard_error(d),
                     "better": int((d > 0).sum()), "worse": int((d < 0).sum())})
     return out
 

@@ -52,7 +52,7 @@ def test_outcomes_files_round_trip_and_bad_lines_are_named(tmp_path):
     rows = [{"kind": "two", "split": "heldout", "outcomes": [{"prompt": 0, "sample": 0, "caption": "c", "failure": None},
                                                              {"prompt": 1, "sample": 0, "caption": "d", "failure": "count"}]}]
     path = tmp_path / "o.jsonl"
-    paired.write_outcomes(path, rows, seed=7)
+    paired.write_outcomes(path, paired.flatten(rows, 7))
     back = paired.read_outcomes(path)
     assert back == paired.flatten(rows, 7) and back[1] == {"kind": "two", "split": "heldout", "seed": 7, "prompt": 1,
                                                          "sample": 0, "caption": "d", "failure": "count"}
