@@ -14,6 +14,11 @@ caption does not match ``teacher_skip`` and is not dropped (``teacher_on_null``:
 the teacher reading the caption with its own text encoder, or its own null (learning without
 forgetting, as a per-token term like the loss).
 
+``summary_drop`` hides, at a rate, the states that summarise a caption (its end-of-text token's
+and the padding's) behind the empty prompt's: the model learns to read each word where it stands
+(a colour at its colour word, a shape at its shape word) as well as from the summary, a way to
+factor attributes that keeps the text encoder and the transformer as they are.
+
 What the caption is dropped to (``null_mode``): ``learnable`` (the learnable null condition, Eq. 7),
 ``empty`` (the empty prompt's embedding: "guidance with a null text"), or ``none`` (never dropped).
 
@@ -94,12 +99,17 @@ class TransformerTrainConfig:
                                          "e.g. the ones whose images the teacher cannot know")
     teacher_on_null: bool = arg(False, "the teacher's term also on samples dropped to the null condition (the "
                                        "unconditional branch guidance extrapolates from), the teacher given its own")
+    summary_drop: float = arg(0.0, "rate at which a caption's summary states (its end-of-text token's and the padding's, "
+                                   "which under causal attention have read the whole caption) become the empty "
+                                   "prompt's at the same places: the model must then read each word where it stands")
 
     def __post_init__(self) -> None:
         if self.null_mode not in NULL_MODES:
             raise ValueError(f"null_mode: {self.null_mode!r} is not allowed; expected one of {list(NULL_MODES)}")
-        if not 0.0 <= self.null_drop <= 1.0:
-            raise ValueError(f"null_drop: {self.null_drop} is not allowed; expected a number in [0, 1]")
+        for name in ("null_drop", "summary_drop"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name}: {rate} is not allowed; expected a number in [0, 1]")
         if (self.vqvae is None) == (self.init is None):
             raise ValueError("give exactly one of vqvae (a fresh model) and init (a model folder to continue)")
         if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
@@ -154,6 +164,14 @@ def with_text_encoder(model: VQDiffusion, folder: str) -> VQDiffusion:
     out = VQDiffusion(replace(c, text_encoder=text_encoder_config(te.clip.config)), model.transformer, model.vqvae, te, null)
     out.generation_defaults = model.generation_defaults
     return out
+
+
+def without_summary(text: torch.Tensor, ids: torch.Tensor, eos_id: int, empty: torch.Tensor) -> torch.Tensor:
+    """``text`` (B, L, D) with every state from the first end-of-text token of ``ids`` (B, L) on
+    replaced by ``empty``'s (1, L, D) at the same place: what is left of the caption is its words'
+    states, each of which (causal attention) has read only the words before it."""
+    summary = ((ids == eos_id).cumsum(1) > 0).to(text.device)  # (B, L) bool
+    return torch.where(summary.unsqueeze(-1), empty, text)  # (B, L, D)
 
 
 def build_model(cfg: TransformerTrainConfig, captions: list[str]) -> VQDiffusion:
@@ -248,6 +266,7 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     tokens = cached_tokens(model, data, out / "tokens.pt")  # (n, N), on the CPU
     ids = model.text_encoder.tokenize(captions)  # (n, L)
     empty_ids = model.text_encoder.tokenize([""])  # (1, L)
+    eos_id = model.text_encoder.tokenizer.eos_token_id
     teacher = None if cfg.teacher is None else load_teacher(cfg.teacher, model, device)
     if teacher is not None:
         teacher_ids = teacher.text_encoder.tokenize(captions)  # (n, L'): the teacher's own tokenizer
@@ -304,6 +323,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         t, pt = importance.sample(b, g)  # (B,), (B,)
         x_t = q_sample(cpu_schedule, x0, t, generator=g)  # (B, N)
         drop = torch.rand(b, generator=g) < (cfg.null_drop if cfg.null_mode != "none" else 0.0)  # (B,)
+        # drawn only when asked for, so runs without it keep their draws
+        blind = torch.rand(b, generator=g) < cfg.summary_drop if cfg.summary_drop > 0 else None  # (B,)
         keep = None  # (B,): the samples of the teacher's term
         if teacher is not None:
             keep = taught[idx] if cfg.teacher_on_null else taught[idx] & ~drop
@@ -311,6 +332,9 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         with autocast():
             with torch.set_grad_enabled(text_trains):
                 text = model.text_encoder(ids[idx].to(device))  # (B, L, D)
+                if blind is not None and blind.any():
+                    cut = without_summary(text, ids[idx], eos_id, model.text_encoder(empty_ids.to(device)))
+                    text = torch.where(blind.to(device).view(-1, 1, 1), cut, text)  # (B, L, D)
             if cfg.null_mode == "learnable":
                 null = model.null_cond(b)  # (B, L, D)
             else:

@@ -358,3 +358,26 @@ def test_a_teacher_on_null_also_holds_the_unconditional_branch(run):
     assert log[0]["teacher_kl"] < 1e-5 and max(r["teacher_kl"] for r in log) > 0
     with pytest.raises(ValueError, match="teacher_on_null"):
         TransformerTrainConfig(data="d", out="o", vqvae="v", teacher_on_null=True)
+
+
+def test_without_summary_keeps_the_words_and_gives_the_rest_the_empty_prompts_states():
+    from vqdiff.model.train.transformer import without_summary
+
+    ids = torch.tensor([[9, 4, 5, 2, 2, 2], [9, 4, 5, 6, 7, 2]])  # (B, L): bos 9, eos (= pad) 2
+    text, empty = torch.randn(2, 6, 3), torch.randn(1, 6, 3)
+    out = without_summary(text, ids, 2, empty)
+    assert torch.equal(out[0, :3], text[0, :3]) and torch.equal(out[0, 3:], empty[0, 3:])
+    assert torch.equal(out[1, :5], text[1, :5]) and torch.equal(out[1, 5:], empty[0, 5:])
+
+
+def test_summary_drop_changes_a_run_only_when_asked_for(run):
+    """summary_drop 0 is the run as before (no extra draw); 1 trains on the words' states alone."""
+    kw = dict(steps=2)
+    plain = _state(train_transformer(_cfg(run, "sd_plain", **kw), progress=False))
+    zero = _state(train_transformer(_cfg(run, "sd_zero", summary_drop=0.0, **kw), progress=False))
+    blind = _state(train_transformer(_cfg(run, "sd_one", summary_drop=1.0, **kw), progress=False))
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert not all(torch.equal(plain[k], blind[k]) for k in plain)
+    assert all(r["loss"] > 0 for r in _log(run, "sd_one"))
+    with pytest.raises(ValueError, match="summary_drop"):
+        TransformerTrainConfig(data="d", out="o", vqvae="v", summary_drop=1.5)
