@@ -14,16 +14,21 @@
 #      benchmarks/table1_eval.py: no guidance (the base, g = 1), zero-shot (the base, g = 2, 3, 5) on
 #      prompt seeds $FT_SEEDS, and each fine-tune k at g = 1, 2, 3, 5 on prompt seed k;
 #   4. the composition runs of $RUNS, beside the base (each with --time-budget-s $BASE_BUDGET):
+#        unpbase  the default's recipe from its first step (clip_train, learnable null, the base's batch,
+#                 rate and budget) on `placed` and `unpaired` together (one index over both folders):
+#                 the pairs in images from the first step, never in a caption; $UNPBASE_FLAGS adds
+#                 flags (e.g. --summary-drop 0.5); converted with the default's generation defaults
+#                 and brought back as the candidate model (unpbase.tgz)
 #        unp      models/default trained on `unpaired` (lr 1.5e-4, cosine to 2e-5): the data lever
 #        unp_hi   the same at lr 3e-4
 #        clipall  the base's recipe with clip_all for clip_train: a text encoder pretrained on every
 #                 pair, then trained on with the transformer on `placed` (the pairs stay out of the
 #                 generator's captions); compared with the base at g = 1 on held-out and train prompts
-#      and `vqdiff eval` of each (held-out and train prompts; unp*, and their weight mixes with
+#      and `vqdiff eval` of each (held-out and train prompts; unpbase; unp*, and their weight mixes with
 #      models/default at $MIX_ALPHAS: the default sampler, prompt seeds 1 and 0 (mixes: 0); clipall: with the
 #      base, g = 1, 16 forwards, table1_eval);
 #   5. to $OUT (at most 8 files come back): env.txt, timeline.txt, table1.jsonl, table1.md,
-#      evals.txt, logs.tgz, and the first unp* model (fp16, no VQVAE: NAME.tgz).
+#      evals.txt, logs.tgz, and the first of unpbase, unp, unp_hi run (fp16, no VQVAE: NAME.tgz).
 # From the repository root, on the GPU machine:
 #     OUT=/tmp/gpu_train bash benchmarks/gpu_train.sh
 # A CPU rehearsal (25 minutes on 2 cores, about 30 processes at once in the evaluation stage; the
@@ -31,6 +36,7 @@
 #     DEVICE=cpu PYTHON=.venv/bin/python N=800 N_ALL=400 N_UNP=800 WORKERS=2 CLIP_STEPS=20 CLIP_BATCH=32 \
 #       CLIP_BUDGET=120 BASE_BATCH=16 BASE_BUDGET=90 FT_STEPS=4 FT_BATCH=16 FT_BUDGET=400 EVAL_N=3 EVAL_BATCH=64 \
 #       MIX_ALPHAS=0.5 TOTAL=1500 OUT=/tmp/gpu_train_cpu bash benchmarks/gpu_train.sh
+# The unpbase path alone (4 minutes on 2 cores, 2026-12-07): the same with RUNS=unpbase TABLE1=0 TOTAL=900.
 # Commits 7184a13 and 44176ea ran this script's earlier form (runs joint, clipfrozen, clipinit, more,
 # more_s1, more_lo, carried VQVAE and text encoder); docs/RESULTS.md has their results.
 set -uo pipefail
@@ -42,7 +48,8 @@ N=${N:-120000}             # images of `placed`
 N_ALL=${N_ALL:-60000}      # images of `all60k` (clip_all's data; clip1 saw 60k)
 N_UNP=${N_UNP:-60000}      # images of `unpaired`
 WORKERS=${WORKERS:-14}
-RUNS=${RUNS-unp clipall}   # may be empty: Table 1 alone
+RUNS=${RUNS-unpbase clipall}   # may be empty: Table 1 alone
+UNPBASE_FLAGS=${UNPBASE_FLAGS-}
 TABLE1=${TABLE1:-1}
 CLIP_STEPS=${CLIP_STEPS:-1500}
 CLIP_BATCH=${CLIP_BATCH:-256}
@@ -68,7 +75,7 @@ stamp() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/timeline.txt"; }
 left() { echo $((T0 + TOTAL - SECONDS - ${1:-0})); }  # seconds left before the deadline, minus a reserve
 has() { [[ " $RUNS " == *" $1 "* ]]; }
 for j in $RUNS; do
-  case $j in unp|unp_hi|clipall) ;; *) echo "gpu_train: unknown run $j (unp, unp_hi, clipall)"; exit 2 ;; esac
+  case $j in unpbase|unp|unp_hi|clipall) ;; *) echo "gpu_train: unknown run $j (unpbase, unp, unp_hi, clipall)"; exit 2 ;; esac
 done
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
@@ -86,7 +93,7 @@ data() {  # folder, n, split, workers
     >"$WORK/data_$1.out" 2>&1 || { echo "gpu_train: data $1 failed"; cat "$WORK/data_$1.out"; exit 1; }
 }
 w_unp=0 w_all=0
-{ has unp || has unp_hi; } && w_unp=$((WORKERS / 3 > 0 ? WORKERS / 3 : 1))
+{ has unpbase || has unp || has unp_hi; } && w_unp=$((WORKERS / 3 > 0 ? WORKERS / 3 : 1))
 has clipall && w_all=$((WORKERS / 6 + 1))
 w_placed=$((WORKERS - w_unp - w_all > 0 ? WORKERS - w_unp - w_all : 1))
 data placed "$N" train "$w_placed" &
@@ -111,15 +118,20 @@ wait $TESTS
 cat "$WORK/cuda_test.out"
 stamp "text encoders trained: $(tail -qn1 "$WORK"/clip_*/train.log | tr '\n' ' ')"
 
-base() {  # name, text encoder, extra flags
-  $VQ train transformer --data "$WORK/placed" --vqvae "$VQVAE" --text-encoder "$WORK/$2" --out "$WORK/$1" \
+base() {  # name, text encoder, data, extra flags
+  $VQ train transformer --data "$WORK/$3" --vqvae "$VQVAE" --text-encoder "$WORK/$2" --out "$WORK/$1" \
     --device "$DEVICE" --precision bf16 --steps $((9072 * 256 / BASE_BATCH)) --batch-size "$BASE_BATCH" --lr "$BASE_LR" \
-    --warmup 500 --min-lr 2e-5 --time-budget-s "$BASE_BUDGET" --ckpt-every 100000 --log-every 100 --quiet "${@:3}" \
+    --warmup 500 --min-lr 2e-5 --time-budget-s "$BASE_BUDGET" --ckpt-every 100000 --log-every 100 --quiet "${@:4}" \
     >"$WORK/$1.out" 2>&1
 }
 declare -A PID
-[[ $TABLE1 == 1 ]] && { base base clip_train --null-mode none & PID[base]=$!; }
-has clipall && { base clipall clip_all --null-mode none & PID[clipall]=$!; }
+[[ $TABLE1 == 1 ]] && { base base clip_train placed --null-mode none & PID[base]=$!; }
+has clipall && { base clipall clip_all placed --null-mode none & PID[clipall]=$!; }
+if has unpbase; then  # one index over placed's images, then unpaired's (read_index resolves ../)
+  mkdir -p "$WORK/joint"
+  for f in placed unpaired; do sed "s#\"image\": \"#\"image\": \"../$f/#" "$WORK/$f/captions.jsonl"; done >"$WORK/joint/captions.jsonl"
+  base unpbase clip_train joint $UNPBASE_FLAGS & PID[unpbase]=$!
+fi
 for j in unp unp_hi; do
   has $j || continue
   lr=$([[ $j == unp ]] && echo 1.5e-4 || echo 3e-4)
@@ -147,6 +159,13 @@ vqeval() {  # name, model, seconds, vqdiff eval flags
 # the composition runs' evaluations go on while the fine-tunes train; unp* also as weight mixes
 # with models/default ((1 - a) default + a unp: `vqdiff convert --mix`), for a = $MIX_ALPHAS
 s=$(left 60)
+if has unpbase && [[ -d $WORK/unpbase/model ]]; then  # the candidate as it would ship: the default's generation defaults
+  defaults=$($PY -c "import json; print(json.dumps(json.load(open('models/default/vqdiff.json'))['generation_defaults']))")
+  $VQ convert "$WORK/unpbase/model" "$WORK/conv/unpbase" --dtype fp16 --defaults "$defaults" >/dev/null &&
+    for seed in 1 0; do
+      for split in heldout train; do vqeval "unpbase.$split.seed$seed" "$WORK/conv/unpbase" "$s" --split $split --seed $seed & done
+    done
+fi
 for j in unp unp_hi; do
   has $j && [[ -d $WORK/$j/model ]] || continue
   for a in $MIX_ALPHAS; do $VQ convert models/default "$WORK/${j}_mix$a" --mix "$WORK/$j/model" --alpha "$a" >/dev/null; done
@@ -199,13 +218,14 @@ cat "$WORK"/t1_*.jsonl >"$OUT/table1.jsonl" 2>/dev/null
   cat "$WORK/eval_skipped.txt" 2>/dev/null
 } >"$OUT/table1.md" 2>&1
 for f in "$WORK"/eval_*.txt; do [[ -f $f ]] && { echo "# $(basename "$f")"; cat "$f"; }; done >"$OUT/evals.txt"
-for j in unp unp_hi; do
+for j in unpbase unp unp_hi; do
   has $j && [[ -d $WORK/$j/model ]] || continue
-  $VQ convert "$WORK/$j/model" "$WORK/conv/$j" --dtype fp16 >/dev/null &&
+  [[ -d $WORK/conv/$j ]] || $VQ convert "$WORK/$j/model" "$WORK/conv/$j" --dtype fp16 >/dev/null
+  [[ -d $WORK/conv/$j ]] &&
     tar czf "$OUT/$j.tgz" -C "$WORK/conv/$j" --exclude=./vqvae .  # ~15 MB: under 16 MiB a file
   break  # one model file: eight files come back at most
 done
-(cd "$WORK" && find . \( -name placed -o -name all60k -o -name unpaired -o -name conv \) -prune -o \
+(cd "$WORK" && find . \( -name placed -o -name all60k -o -name unpaired -o -name joint -o -name conv \) -prune -o \
   \( -name train.log -o -name '*.out' -o -name '*.jsonl' -o -name 'eval_*.txt' \) -print | tar czf "$OUT/logs.tgz" -T -)
 stamp "done"
 echo "== table 1"; cat "$OUT/table1.md"
