@@ -36,7 +36,9 @@
 #     DEVICE=cpu PYTHON=.venv/bin/python N=800 N_ALL=400 N_UNP=800 WORKERS=2 CLIP_STEPS=20 CLIP_BATCH=32 \
 #       CLIP_BUDGET=120 BASE_BATCH=16 BASE_BUDGET=90 FT_STEPS=4 FT_BATCH=16 FT_BUDGET=400 EVAL_N=3 EVAL_BATCH=64 \
 #       MIX_ALPHAS=0.5 TOTAL=1500 OUT=/tmp/gpu_train_cpu bash benchmarks/gpu_train.sh
-# The unpbase path alone (4 minutes on 2 cores, 2026-12-07): the same with RUNS=unpbase TABLE1=0 TOTAL=900.
+# Run again with the default RUNS (unpbase clipall) on 2026-12-07, commit 11e9e85: 1476 s, exit 0, seven files
+# (the fine-tunes' Table 1 rows cut by the deadline, as before). The unpbase path alone (4 minutes):
+# the same with RUNS=unpbase TABLE1=0 TOTAL=900.
 # Commits 7184a13 and 44176ea ran this script's earlier form (runs joint, clipfrozen, clipinit, more,
 # more_s1, more_lo, carried VQVAE and text encoder); docs/RESULTS.md has their results.
 set -uo pipefail
