@@ -332,13 +332,13 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         with autocast():
             with torch.set_grad_enabled(text_trains):
                 text = model.text_encoder(ids[idx].to(device))  # (B, L, D)
-                if blind is not None and blind.any():
-                    cut = without_summary(text, ids[idx], eos_id, model.text_encoder(empty_ids.to(device)))
+                hide = blind is not None and bool(blind.any())
+                # the empty prompt's states, once a step: the hidden summaries' and the null text's
+                empty = model.text_encoder(empty_ids.to(device)) if hide or cfg.null_mode != "learnable" else None  # (1, L, D)
+                if hide:
+                    cut = without_summary(text, ids[idx], eos_id, empty)  # (B, L, D)
                     text = torch.where(blind.to(device).view(-1, 1, 1), cut, text)  # (B, L, D)
-            if cfg.null_mode == "learnable":
-                null = model.null_cond(b)  # (B, L, D)
-            else:
-                null = model.text_encoder(empty_ids.to(device)).expand(b, -1, -1)  # (B, L, D)
+            null = model.null_cond(b) if cfg.null_mode == "learnable" else empty.expand(b, -1, -1)  # (B, L, D)
             cond = torch.where(drop.view(-1, 1, 1), null, text)  # (B, L, D)
             log_x0 = model.transformer.log_probs(x_t, t_dev, cond)  # (B, N, K) fp32
         loss_b, terms = training_loss(schedule, log_x0, x0, x_t, t_dev, pt=pt, return_terms=True,
