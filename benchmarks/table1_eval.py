@@ -28,6 +28,10 @@ from pathlib import Path
 
 METRICS = ("fidelity", "quality", "diversity", "fd")
 ORDER = ("zero-shot", "null text", "learnable null")  # the paper: each better than the one before
+BASELINE = "no guidance"  # the base at g = 1: what guidance has to beat
+# Student's t at 0.975 for 1..9 degrees of freedom: a paired mean over n replicates is beyond the
+# noise (two-sided, 5%) when |mean| > T975[n - 2] SE; with three replicates that is 4.30 SE, not 2
+T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26)
 
 
 def evaluate_model(args: argparse.Namespace) -> None:
@@ -91,6 +95,25 @@ def fmt(m: float, se: float, digits: int = 3) -> str:
     return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
+def paired(ra: dict[int, dict], rb: dict[int, dict]) -> list[str] | None:
+    """Each metric's b - a over the replicates both have (mean ± SE), marked where a t-test over them
+    says it is beyond the noise (``T975``); None when they share no replicate."""
+    common = sorted(set(ra) & set(rb))
+    if not common:
+        return None
+    vals = []
+    for m in METRICS:
+        if not all(m in ra[k] and m in rb[k] for k in common):
+            vals.append("-")
+            continue
+        d, se = mean_se([rb[k][m] - ra[k][m] for k in common])
+        better = (d < 0) if m == "fd" else (d > 0)
+        t = T975[min(len(common), len(T975) + 1) - 2] if len(common) > 1 else math.inf
+        beyond = not math.isnan(se) and abs(d) > t * se
+        vals.append(fmt(d, se, 2 if m == "fd" else 3) + (" **" + ("better" if better else "worse") + "**" if beyond else ""))
+    return vals
+
+
 def summary(rows: list[dict]) -> str:
     """The table (mean ± SE over replicates per cell) and the paired differences between settings."""
     table = cells(rows)
@@ -107,29 +130,29 @@ def summary(rows: list[dict]) -> str:
                         if all(m in r for r in reps.values()) else "-" for m in METRICS]
                 lines.append(f"| {s} | {g:g} | {len(reps)} | " + " | ".join(vals) + " |")
         lines.append("")
+    header = ["| kind | g | pair | " + " | ".join(METRICS) + " |",
+              "| --- | ---: | --- | " + " | ".join("---" for _ in METRICS) + " |"]
     lines += ["### The paper's orderings: paired differences (later minus earlier, mean ± SE over replicates)", "",
-              "A difference is beyond the noise when |mean| > 2 SE; FD is better when lower.", "",
-              "| kind | g | pair | " + " | ".join(METRICS) + " |", "| --- | ---: | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+              "A difference is marked beyond the noise when a paired t-test over the replicates says so (5%, two-sided: "
+              "|mean| > 4.30 SE with three); FD is better when lower.", "", *header]
     present = [s for s in ORDER if s in settings]
     for kind in kinds:
         for g in sorted({g for _, g, k in table if k == kind}):
             for i, a in enumerate(present):
                 for b in present[i + 1:]:
-                    ra, rb = table.get((a, g, kind), {}), table.get((b, g, kind), {})
-                    common = sorted(set(ra) & set(rb))
-                    if not common:
-                        continue
-                    vals = []
-                    for m in METRICS:
-                        if not all(m in ra[k] and m in rb[k] for k in common):
-                            vals.append("-")
-                            continue
-                        d, se = mean_se([rb[k][m] - ra[k][m] for k in common])
-                        better = (d < 0) if m == "fd" else (d > 0)
-                        beyond = not math.isnan(se) and abs(d) > 2 * se
-                        vals.append(fmt(d, se, 2 if m == "fd" else 3) + (" **" + ("better" if better else "worse") + "**"
-                                                                          if beyond else ""))
-                    lines.append(f"| {kind} | {g:g} | {b} vs {a} | " + " | ".join(vals) + " |")
+                    row = paired(table.get((a, g, kind), {}), table.get((b, g, kind), {}))
+                    if row is not None:
+                        lines.append(f"| {kind} | {g:g} | {b} vs {a} | " + " | ".join(row) + " |")
+    base = [(s, g, k) for s, g, k in table if s == BASELINE]
+    if base:
+        lines += ["", f"### Guidance against {BASELINE}: paired differences (the setting at g minus {BASELINE})", "",
+                  *header]
+        for s0, g0, kind in sorted(base, key=lambda key: key[2]):
+            for s in present:
+                for g in sorted({g for s2, g, k in table if s2 == s and k == kind}):
+                    row = paired(table[(s0, g0, kind)], table[(s, g, kind)])
+                    if row is not None:
+                        lines.append(f"| {kind} | {g:g} | {s} vs {BASELINE} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

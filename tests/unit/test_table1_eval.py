@@ -40,6 +40,23 @@ def test_summary_pairs_replicates_and_marks_differences_beyond_two_se():
         t1.summary(rows + [_row("zero-shot", 0, 2.0, 0.1)])
 
 
+def test_summary_sets_every_guided_cell_against_no_guidance():
+    rows = [_row("no guidance", k, 1.0, f) for k, f in enumerate((0.50, 0.60, 0.55))]
+    rows += [_row("zero-shot", k, 2.0, f) for k, f in enumerate((0.30, 0.41, 0.34))]  # -0.2 each, +-0.01
+    rows += [_row("null text", k, 3.0, f) for k, f in enumerate((0.50, 0.70, 0.55))]  # +0, +0.1, 0
+    rows += [_row("learnable null", k, 3.0, f) for k, f in enumerate((0.55, 0.70, 0.57))]  # +0.057 +- 0.023
+    rows += [_row("null text", k, 2.0, f, kind="two") for k, f in enumerate((0.5, 0.5, 0.5))]  # no baseline there
+    text = t1.summary(rows).split("### Guidance against no guidance")[1]
+    zs = next(line for line in text.splitlines() if "| zero-shot vs no guidance |" in line)
+    assert zs.startswith("| one | 2 |") and "-0.200 ± 0.006 **worse**" in zs
+    nt = next(line for line in text.splitlines() if "| null text vs no guidance |" in line)
+    assert nt.startswith("| one | 3 |") and "0.033 ± 0.033 |" in nt  # within the noise: not marked
+    ln = next(line for line in text.splitlines() if "| learnable null vs no guidance |" in line)
+    assert "0.057 ± 0.023 |" in ln  # 2.4 SE: beyond 2 SE, within the t-test's 4.30 SE for three replicates
+    assert "| two |" not in text  # a kind without a no-guidance row has no pairs here
+    assert "### Guidance against" not in t1.summary([r for r in rows if r["setting"] != "no guidance"])
+
+
 def test_eval_writes_one_line_per_g_seed_and_kind(tmp_path):
     out = tmp_path / "t1.jsonl"
     root = Path(__file__).resolve().parents[2]
