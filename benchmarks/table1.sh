@@ -9,9 +9,12 @@
 #               as long as the default model trained (BASE_STEPS x BASE_BATCH = 9072 x 256)
 #   ft_M_sK     `vqdiff train null-cond --null-mode M --seed K` from the base, M = empty (null text)
 #               or learnable; every fine-tune the same FT_STEPS x FT_BATCH, one per training seed K
-#   t1_*.jsonl  benchmarks/table1_eval.py: replicate K is fine-tune seed K on prompt seed K; the base
+#   cells/      benchmarks/table1_eval.py: replicate K is fine-tune seed K on prompt seed K; the base
 #               gives "no guidance" (g = 1) and "zero-shot" (the empty prompt as the uncond branch,
 #               g = 2, 3, 5) on the same prompt seeds, so every difference is paired by K
+#   ALSO_STEPS  the base at g = 1 and each setting at g = ALSO_G again at these forwards (64: one token a
+#               forward, the default sampler's), rows of their own kind: the test of whether guidance's
+#               cost at 16 forwards comes from drawing 4 tokens at once
 #   table1.md   the table (mean ± SE over the replicates) and the paper's orderings tested
 #
 # Every stage resumes: a stopped run goes on where it stopped when the same command is run again
@@ -21,10 +24,11 @@
 #     WORK=/path/to/table1 bash benchmarks/table1.sh
 # On 2 cores (AMD EPYC, bf16 autocast): data 1 min, clip_train 20 min (0.8 s a step), tokenizing the
 # images 10 min, the base ~10 h (3.9 s a step), each fine-tune ~35 min, each evaluation cell a few
-# minutes: about 15 hours in all, so on a machine whose sessions end it is run again in each session.
+# minutes at 16 forwards, four times that at 64: about 16 hours in all, so on a machine whose
+# sessions end it is run again in each session.
 # A tiny rehearsal (10 minutes on 2 cores shared with another training run):
 #     WORK=/tmp/t1_tiny N=600 CLIP_STEPS=10 CLIP_BATCH=32 BASE_STEPS=10 BASE_BATCH=16 FT_STEPS=4 FT_BATCH=16 \
-#       FT_SEEDS="0 1" EVAL_N=2 EVAL_SAMPLES=1 bash benchmarks/table1.sh
+#       FT_SEEDS="0 1" EVAL_N=2 EVAL_SAMPLES=1 ALSO_STEPS=4 bash benchmarks/table1.sh
 # (benchmarks/gpu_train.sh runs the same protocol with time budgets in one GPU call.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +47,8 @@ FT_SEEDS=${FT_SEEDS:-0 1 2}
 EVAL_N=${EVAL_N:-100}
 EVAL_SAMPLES=${EVAL_SAMPLES:-2}
 EVAL_BATCH=${EVAL_BATCH:-64}
+ALSO_STEPS=${ALSO_STEPS-64}
+ALSO_G=${ALSO_G:-2}
 CKPT=${CKPT:-25}          # steps between checkpoints: what a stop can lose
 PY=${PYTHON:-.venv/bin/python}
 VQ="$PY -m vqdiff.cli"
@@ -105,6 +111,16 @@ for k in $FT_SEEDS; do
       --prompt-seeds "$k" --replicate "$k"
     cell "learnable_g${g}_s$k" --model "$WORK/ft_learnable_s$k/model" --setting "learnable null" --uncond null \
       --g "$g" --prompt-seeds "$k" --replicate "$k"
+  done
+  for f in $ALSO_STEPS; do
+    cell "base_g1_f${f}_s$k" --model "$WORK/base/model" --setting "no guidance" --uncond empty --g 1 \
+      --prompt-seeds "$k" --steps "$f"
+    cell "base_g${ALSO_G}_f${f}_s$k" --model "$WORK/base/model" --setting "zero-shot" --uncond empty --g "$ALSO_G" \
+      --prompt-seeds "$k" --steps "$f"
+    cell "empty_g${ALSO_G}_f${f}_s$k" --model "$WORK/ft_empty_s$k/model" --setting "null text" --uncond empty \
+      --g "$ALSO_G" --prompt-seeds "$k" --replicate "$k" --steps "$f"
+    cell "learnable_g${ALSO_G}_f${f}_s$k" --model "$WORK/ft_learnable_s$k/model" --setting "learnable null" \
+      --uncond null --g "$ALSO_G" --prompt-seeds "$k" --replicate "$k" --steps "$f"
   done
   $PY benchmarks/table1_eval.py summary "$WORK"/cells/*.jsonl >"$WORK/table1.md"
   stamp "replicate $k: done; $WORK/table1.md"

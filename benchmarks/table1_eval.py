@@ -28,10 +28,17 @@ from pathlib import Path
 
 METRICS = ("fidelity", "quality", "diversity", "fd")
 ORDER = ("zero-shot", "null text", "learnable null")  # the paper: each better than the one before
+STEPS = 16  # the table's forwards (4 tokens a forward on the 8 x 8 grid)
 BASELINE = "no guidance"  # the base at g = 1: what guidance has to beat
 # Student's t at 0.975 for 1..9 degrees of freedom: a paired mean over n replicates is beyond the
 # noise (two-sided, 5%) when |mean| > T975[n - 2] SE; with three replicates that is 4.30 SE, not 2
 T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26)
+
+
+def label(kind: str, split: str, steps: int) -> str:
+    """A row's kind in the table: held-out prompts and other forwards than STEPS are kinds of their own
+    ('one, heldout', 'two, 64 forwards'), so the summary never pools them with the main rows."""
+    return ", ".join([kind] + ([split] if split != "train" else []) + ([f"{steps} forwards"] if steps != STEPS else []))
 
 
 def evaluate_model(args: argparse.Namespace) -> None:
@@ -52,7 +59,7 @@ def evaluate_model(args: argparse.Namespace) -> None:
                     r = evaluate(model, kind, args.split, args.n, args.samples, params, seed=seed, batch=args.batch,
                                  features=features)
                     row = {"setting": args.setting, "replicate": args.replicate if args.replicate is not None else seed,
-                           "g": g, "prompt_seed": seed, "kind": kind if args.split == "train" else f"{kind}, {args.split}",
+                           "g": g, "prompt_seed": seed, "kind": label(kind, args.split, args.steps),
                            "n": args.n, "samples": args.samples,
                            "steps": args.steps, "model": str(args.model),
                            **{m: r[m] for m in METRICS if m in r}}
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--batch", type=int, default=64, help="images per sampling batch (512 on a GPU)")
     e.add_argument("--n", type=int, default=100)
     e.add_argument("--samples", type=int, default=2)
-    e.add_argument("--steps", type=int, default=16)
+    e.add_argument("--steps", type=int, default=STEPS)
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", required=True)
     s = sub.add_parser("summary", help="the table of JSON lines files")

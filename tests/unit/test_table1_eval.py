@@ -57,6 +57,14 @@ def test_summary_sets_every_guided_cell_against_no_guidance():
     assert "### Guidance against" not in t1.summary([r for r in rows if r["setting"] != "no guidance"])
 
 
+def test_rows_at_other_forwards_or_held_out_are_kinds_of_their_own():
+    assert t1.label("one", "train", t1.STEPS) == "one"
+    assert t1.label("two", "heldout", t1.STEPS) == "two, heldout"
+    assert t1.label("two", "train", 64) == "two, 64 forwards"
+    rows = [_row("null text", 0, 2.0, 0.5), _row("null text", 0, 2.0, 0.7, kind=t1.label("one", "train", 64))]
+    assert "### one, 64 forwards" in t1.summary(rows)  # the same (setting, g, replicate) twice, not pooled
+
+
 def test_eval_writes_one_line_per_g_seed_and_kind(tmp_path):
     out = tmp_path / "t1.jsonl"
     root = Path(__file__).resolve().parents[2]
@@ -64,5 +72,6 @@ def test_eval_writes_one_line_per_g_seed_and_kind(tmp_path):
              "--uncond", "null", "--g", "1,3", "--prompt-seeds", "4", "--kind", "one", "--n", "3", "--samples", "2",
              "--steps", "2", "--out", str(out)])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [(r["g"], r["prompt_seed"], r["kind"], r["replicate"]) for r in rows] == [(1.0, 4, "one", 2), (3.0, 4, "one", 2)]
+    assert [(r["g"], r["prompt_seed"], r["kind"], r["replicate"]) for r in rows] == [
+        (1.0, 4, "one, 2 forwards", 2), (3.0, 4, "one, 2 forwards", 2)]  # not the table's 16: a kind of its own
     assert all(0.0 <= r["fidelity"] <= 1.0 and 0.0 < r["diversity"] <= 1.0 and r["fd"] > 0 for r in rows)
