@@ -32,6 +32,7 @@ STEPS = 16  # the table's forwards (4 tokens a forward on the 8 x 8 grid)
 BASELINE = "no guidance"  # the base at g = 1: what guidance has to beat
 # Student's t at 0.975 for 1..9 degrees of freedom: a paired mean over n replicates is beyond the
 # noise (two-sided, 5%) when |mean| > T975[n - 2] SE; with three replicates that is 4.30 SE, not 2
+# (more than ten replicates use 9's 2.26: a little strict)
 T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26)
 
 
