@@ -23,7 +23,7 @@
 # From the repository root:
 #     WORK=/path/to/table1 bash benchmarks/table1.sh
 # On 2 cores (AMD EPYC, bf16 autocast): data 1 min, clip_train 20 min (0.8 s a step), tokenizing the
-# images 10 min, the base ~10 h (3.9 s a step), each fine-tune ~35 min, each evaluation cell a few
+# images 10 min, the base ~10 h (4.0-4.2 s a step), each fine-tune ~35 min, each evaluation cell a few
 # minutes at 16 forwards, four times that at 64: about 16 hours in all, so on a machine whose
 # sessions end it is run again in each session.
 # A tiny rehearsal (10 minutes on 2 cores shared with another training run):
