@@ -24,8 +24,8 @@
 #     WORK=/path/to/table1 bash benchmarks/table1.sh
 # On 2 cores (AMD EPYC, bf16 autocast): data 1 min, clip_train 20 min (0.8 s a step), tokenizing the
 # images 10 min, the base ~10 h (4.0-4.2 s a step), each fine-tune ~35 min, each evaluation cell a few
-# minutes at 16 forwards, four times that at 64: about 16 hours in all, so on a machine whose
-# sessions end it is run again in each session.
+# minutes at 16 forwards, four times that at 64: about 16 hours in all, so where a machine cannot
+# keep it running that long it is simply run again after each stop.
 # A tiny rehearsal (10 minutes on 2 cores shared with another training run):
 #     WORK=/tmp/t1_tiny N=600 CLIP_STEPS=10 CLIP_BATCH=32 BASE_STEPS=10 BASE_BATCH=16 FT_STEPS=4 FT_BATCH=16 \
 #       FT_SEEDS="0 1" EVAL_N=2 EVAL_SAMPLES=1 ALSO_STEPS=4 bash benchmarks/table1.sh
