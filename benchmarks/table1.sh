@@ -96,32 +96,31 @@ cell() {  # file name, table1_eval flags: one JSON file per cell, written whole 
   stamp "cell $1: $(tr '\n' ' ' <"$f" | cut -c1-400)"
 }
 
+replicate_cells() {  # replicate k, forwards, zero-shot's g values, the fine-tunes' g values
+  local k=$1 f=$2 t
+  t=$([[ $f == 16 ]] || echo "_f$f")  # 16: table1_eval.py's STEPS, the table's own rows
+  cell "base_g1${t}_s$k" --model "$WORK/base/model" --setting "no guidance" --uncond empty --g 1 --prompt-seeds "$k" \
+    --steps "$f"
+  for g in $3; do
+    cell "base_g${g}${t}_s$k" --model "$WORK/base/model" --setting "zero-shot" --uncond empty --g "$g" \
+      --prompt-seeds "$k" --steps "$f"
+  done
+  for g in $4; do
+    cell "empty_g${g}${t}_s$k" --model "$WORK/ft_empty_s$k/model" --setting "null text" --uncond empty --g "$g" \
+      --prompt-seeds "$k" --replicate "$k" --steps "$f"
+    cell "learnable_g${g}${t}_s$k" --model "$WORK/ft_learnable_s$k/model" --setting "learnable null" --uncond null \
+      --g "$g" --prompt-seeds "$k" --replicate "$k" --steps "$f"
+  done
+}
+
 done_or data data
 done_or clip_train clip
 done_or base base
 for k in $FT_SEEDS; do
   done_or "ft_empty_s$k" finetune empty "$k"
   done_or "ft_learnable_s$k" finetune learnable "$k"
-  cell "base_g1_s$k" --model "$WORK/base/model" --setting "no guidance" --uncond empty --g 1 --prompt-seeds "$k"
-  for g in 2 3 5; do
-    cell "base_g${g}_s$k" --model "$WORK/base/model" --setting "zero-shot" --uncond empty --g "$g" --prompt-seeds "$k"
-  done
-  for g in 1 2 3 5; do
-    cell "empty_g${g}_s$k" --model "$WORK/ft_empty_s$k/model" --setting "null text" --uncond empty --g "$g" \
-      --prompt-seeds "$k" --replicate "$k"
-    cell "learnable_g${g}_s$k" --model "$WORK/ft_learnable_s$k/model" --setting "learnable null" --uncond null \
-      --g "$g" --prompt-seeds "$k" --replicate "$k"
-  done
-  for f in $ALSO_STEPS; do
-    cell "base_g1_f${f}_s$k" --model "$WORK/base/model" --setting "no guidance" --uncond empty --g 1 \
-      --prompt-seeds "$k" --steps "$f"
-    cell "base_g${ALSO_G}_f${f}_s$k" --model "$WORK/base/model" --setting "zero-shot" --uncond empty --g "$ALSO_G" \
-      --prompt-seeds "$k" --steps "$f"
-    cell "empty_g${ALSO_G}_f${f}_s$k" --model "$WORK/ft_empty_s$k/model" --setting "null text" --uncond empty \
-      --g "$ALSO_G" --prompt-seeds "$k" --replicate "$k" --steps "$f"
-    cell "learnable_g${ALSO_G}_f${f}_s$k" --model "$WORK/ft_learnable_s$k/model" --setting "learnable null" \
-      --uncond null --g "$ALSO_G" --prompt-seeds "$k" --replicate "$k" --steps "$f"
-  done
+  replicate_cells "$k" 16 "2 3 5" "1 2 3 5"
+  for f in $ALSO_STEPS; do replicate_cells "$k" "$f" "$ALSO_G" "$ALSO_G"; done
   $PY benchmarks/table1_eval.py summary "$WORK"/cells/*.jsonl >"$WORK/table1.md"
   stamp "replicate $k: done; $WORK/table1.md"
 done
