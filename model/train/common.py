@@ -83,6 +83,19 @@ def load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
+def save_progress(state: dict, path: Path) -> None:
+    """A run's position as JSON, written atomically beside its checkpoint: with OUT/model/ it is the
+    weights-only state a run resumes from when checkpoint.pt (weights, optimizer moments: several
+    times the model's size) was not kept, e.g. carried to another machine."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, path)
+
+
+def load_progress(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class JsonLog:
     """Appends one JSON object per line to OUT/train.log."""
 

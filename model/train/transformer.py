@@ -23,7 +23,10 @@ What the caption is dropped to (``null_mode``): ``learnable`` (the learnable nul
 ``empty`` (the empty prompt's embedding: "guidance with a null text"), or ``none`` (never dropped).
 
 Resumable like every trainer here (model/train/common.py); OUT/model/ is a complete model folder,
-rewritten at every checkpoint, so a stopped run still leaves a usable model.
+rewritten at every checkpoint, so a stopped run still leaves a usable model. Where checkpoint.pt is
+gone but OUT/model/ and OUT/progress.json are there (a run carried to another machine with its weights
+alone), the run resumes from them: the same step, batches, draws and importance statistics, the
+optimizer's moments started afresh under a linear re-warm of the learning rate over ``REWARM_STEPS``.
 """
 
 from __future__ import annotations
@@ -47,13 +50,16 @@ from vqdiff.model.net.pipeline import VQDiffusion
 from vqdiff.model.net.text_encoder import text_encoder_config
 from vqdiff.model.net.tokenizer import caption_tokenizer
 from vqdiff.model.cli_args import add_fields, add_quiet, arg, from_args, help_of
-from vqdiff.model.train.common import (PROBE_STEPS, JsonLog, TimeBudget, batch_indices, load_checkpoint, save_checkpoint,
-                                       step_generator, warmup_cosine)
+from vqdiff.model.train.common import (PROBE_STEPS, JsonLog, TimeBudget, batch_indices, load_checkpoint, load_progress,
+                                       save_checkpoint, save_progress, step_generator, warmup_cosine)
 from vqdiff.model.train.loss import ImportanceSampler, categorical_kl, training_loss
 
 NULL_MODES = ("learnable", "empty", "none")
 # `vqdiff train null-cond`: a short fine-tuning run of a trained model, not a run from scratch
 NULL_COND_DEFAULTS = {"steps": 1000, "lr": 1e-4, "warmup": 50}
+# a weights-only resume starts AdamW's moments at zero: its first updates are sign-like, so the
+# learning rate climbs back to the schedule's over these steps
+REWARM_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -135,9 +141,11 @@ class TransformerTrainConfig:
                     raise ValueError(f"{name}: {pattern!r} is not a regular expression ({e})") from None
 
 
-def lr_factor(cfg: TransformerTrainConfig, step: int) -> float:
-    """Learning rate / cfg.lr at ``step``: linear warmup, then constant or cosine down to min_lr."""
-    return warmup_cosine(step, cfg.warmup, cfg.steps, None if cfg.min_lr is None else cfg.min_lr / cfg.lr)
+def lr_factor(cfg: TransformerTrainConfig, step: int, rewarm_from: int | None = None) -> float:
+    """Learning rate / cfg.lr at ``step``: linear warmup, then constant or cosine down to min_lr;
+    after a weights-only resume at ``rewarm_from``, times a linear ramp over ``REWARM_STEPS``."""
+    f = warmup_cosine(step, cfg.warmup, cfg.steps, None if cfg.min_lr is None else cfg.min_lr / cfg.lr)
+    return f if rewarm_from is None else f * min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
 
 
 @torch.no_grad()
@@ -253,11 +261,14 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
+    progress_path = out / "progress.json"
     ckpt = load_checkpoint(ckpt_path)
+    # without checkpoint.pt: the weights-only state (OUT/model/ and the run's position)
+    light = load_progress(progress_path) if ckpt is None and (out / "model").is_dir() else None
     captions = [c for _, c in read_index(Path(cfg.data))]
     # a resumed run rebuilds the architecture (and tokenizer) from its own model folder
     resumed = replace(cfg, init=str(out / "model"), vqvae=None, text_encoder=None)  # the run folder holds everything
-    model = build_model(resumed if ckpt is not None else cfg, captions)
+    model = build_model(resumed if ckpt is not None or light is not None else cfg, captions)
     device = torch.device(cfg.device)
     data = ImageCaptionFolder(cfg.data, model.config.image_size, cache=False)
     if len(data) < cfg.batch_size:
@@ -288,20 +299,32 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     importance = ImportanceSampler(model.config.diffusion.num_timesteps)
-    step, planned = 0, None
+    step, planned, rewarm_from = 0, None, None
+    state = ckpt if ckpt is not None else light
+    if state is not None:
+        trained_on = ckpt["train_config"]["data"] if ckpt is not None else light["data"]
+        if trained_on != cfg.data:
+            where = ckpt_path if ckpt is not None else progress_path
+            raise ValueError(f"{where}: was trained on {trained_on}, not {cfg.data}; use a new --out")
+        step, rewarm_from = state["step"], state.get("rewarm_from")
+        if state.get("planned_steps") is not None and cfg.time_budget_s is None:
+            planned = state["planned_steps"]  # the length an interrupted budgeted run had fixed
+            cfg = replace(cfg, steps=planned)
+    if light is not None:  # the weights came with OUT/model/; AdamW's moments start at zero
+        rewarm_from = step
+        for group in opt.param_groups:
+            group["initial_lr"] = cfg.lr  # what LambdaLR sets at step 0
+    # the learning rate is a function of the step: a weights-only resume starts the schedule there
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, rewarm_from),
+                                              last_epoch=step - 1 if light is not None else -1)
     if ckpt is not None:
-        if ckpt["train_config"]["data"] != cfg.data:
-            raise ValueError(f"{ckpt_path}: was trained on {ckpt['train_config']['data']}, not {cfg.data}; use a new --out")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         importance.load_state_dict(ckpt["importance"])
-        step = ckpt["step"]
-        if ckpt.get("planned_steps") is not None and cfg.time_budget_s is None:
-            planned = ckpt["planned_steps"]  # the length an interrupted budgeted run had fixed
-            cfg = replace(cfg, steps=planned)
+    elif light is not None:
+        importance.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in light["importance"].items()})
 
     # x_t is drawn on the CPU from the step's generator, so every device sees the same batches
     cpu_schedule, schedule, c = Schedule(model.config.diffusion), model.schedule, model.config.transformer
@@ -310,6 +333,8 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     log = JsonLog(out / "train.log")
+    if light is not None:
+        log.write({"step": step, "resumed": f"weights only: AdamW's moments afresh, the lr re-warmed over {REWARM_STEPS} steps"})
     model.train()
     model.vqvae.eval()
     t0, seen = time.time(), 0.0
@@ -392,7 +417,9 @@ def train_transformer(cfg: TransformerTrainConfig, progress: bool = True) -> Pat
             model.vqvae.eval()
             save_checkpoint({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                              "sched": sched.state_dict(), "importance": importance.state_dict(),
-                             "planned_steps": planned, "train_config": asdict(cfg)}, ckpt_path)
+                             "planned_steps": planned, "rewarm_from": rewarm_from, "train_config": asdict(cfg)}, ckpt_path)
+            save_progress({"step": step, "planned_steps": planned, "rewarm_from": rewarm_from, "data": cfg.data,
+                           "importance": {k: v.tolist() for k, v in importance.state_dict().items()}}, progress_path)
         if over and step < cfg.steps:
             log.write({"step": step, "stopped": "time budget spent", "elapsed_s": round(time.time() - t0, 1)})
             break

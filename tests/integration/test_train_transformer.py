@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -60,6 +61,34 @@ def test_resumed_equals_uninterrupted(run):
     resumed = _state(train_transformer(_cfg(run, "r", steps=4), progress=False))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_without_its_checkpoint_a_run_resumes_from_its_weights_and_position(run):
+    from vqdiff.model.train.transformer import REWARM_STEPS, lr_factor
+
+    out = run[0] / "w"
+    cfg = _cfg(run, "w", steps=6, lr=1e-3, min_lr=1e-4)
+    train_transformer(replace(cfg, steps=2, min_lr=None), progress=False)
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["step"] == 2 and progress["data"] == cfg.data and progress["rewarm_from"] is None
+    assert len(progress["importance"]["lt_history"]) == len(progress["importance"]["lt_count"]) > 1
+    at2 = _state(out / "model")
+    (out / "checkpoint.pt").unlink()  # what a carried run lacks
+    after = _state(train_transformer(replace(cfg, steps=4), progress=False))
+    log = _log(run, "w")
+    assert log[2]["step"] == 2 and "weights only" in log[2]["resumed"]
+    assert [r["step"] for r in log[3:]] == [3, 4]
+    # the schedule goes on from step 2, its learning rate ramped up again from there
+    assert log[3]["lr"] == pytest.approx(1e-3 * lr_factor(replace(cfg, steps=4), 3, rewarm_from=2))
+    assert log[3]["lr"] < 1e-3 * lr_factor(replace(cfg, steps=4), 3) * 3 / REWARM_STEPS
+    assert any(not torch.equal(at2[k], v) for k, v in after.items())
+    # an exact resume after it keeps the ramp
+    train_transformer(cfg, progress=False)
+    assert _log(run, "w")[-1]["lr"] == pytest.approx(1e-3 * lr_factor(cfg, 6, rewarm_from=2))
+    assert json.loads((out / "progress.json").read_text())["rewarm_from"] == 2
+    (out / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match="progress.json: was trained on"):
+        train_transformer(replace(cfg, data=str(shutil.copytree(run[1], run[0] / "elsewhere")), steps=8), progress=False)
 
 
 def test_kept_snapshots_are_the_model_at_each_checkpoint(run):
