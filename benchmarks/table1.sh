@@ -30,6 +30,12 @@
 #     WORK=/tmp/t1_tiny N=600 CLIP_STEPS=10 CLIP_BATCH=32 BASE_STEPS=10 BASE_BATCH=16 FT_STEPS=4 FT_BATCH=16 \
 #       FT_SEEDS="0 1" EVAL_N=2 EVAL_SAMPLES=1 ALSO_STEPS=4 bash benchmarks/table1.sh
 # (benchmarks/gpu_train.sh runs the same protocol with time budgets in one GPU call.)
+# A run carried between machines (a stop that does not keep the machine loses WORK): with CARRY set,
+#     WORK=... CARRY=benchmarks/table1_state bash benchmarks/table1.sh carry
+# packs what the run cannot make again (~16 MB: the base's weights in fp16, the logs, the cells;
+# benchmarks/table1_carry.py says what) into CARRY, to be committed, and on a machine whose WORK is
+# empty the run lays CARRY out first and goes on from it (the transformer trainer resumes from
+# weights alone: AdamW's moments start afresh under a 100-step re-warm of the learning rate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$PWD/out/table1}
@@ -50,9 +56,14 @@ EVAL_BATCH=${EVAL_BATCH:-64}
 ALSO_STEPS=${ALSO_STEPS-64}
 ALSO_G=${ALSO_G:-2}
 CKPT=${CKPT:-25}          # steps between checkpoints: what a stop can lose
+CARRY=${CARRY:-}          # a folder the run is packed into (`carry`) and laid out from (an empty WORK)
 PY=${PYTHON:-.venv/bin/python}
 VQ="$PY -m vqdiff.cli"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [[ ${1:-} == carry ]]; then
+  [[ -n $CARRY ]] || { echo "table1.sh carry: set CARRY, the folder to pack the run into" >&2; exit 2; }
+  exec $PY benchmarks/table1_carry.py pack "$WORK" "$CARRY"
+fi
 mkdir -p "$WORK"
 stamp() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$WORK/timeline.txt"; }
 done_or() {  # stage name, command...: runs the command unless the stage is marked done, then marks it
@@ -79,7 +90,7 @@ base() {
 finetune() {  # mode (empty | learnable), seed
   local out=$WORK/ft_$1_s$2
   mkdir -p "$out"
-  [[ -f $out/tokens.pt ]] ||  # same images, same VQVAE: its key holds, so it is not made again
+  [[ -f $out/tokens.pt || ! -f $WORK/base/tokens.pt ]] ||  # same images, same VQVAE: its key holds
     { cp "$WORK/base/tokens.pt" "$out/tokens.tmp" && mv "$out/tokens.tmp" "$out/tokens.pt"; }
   $VQ train null-cond --data "$WORK/placed" --model "$WORK/base/model" --out "$out" --device "$DEVICE" \
     --precision "$PRECISION" --null-mode "$1" --seed "$2" --steps "$FT_STEPS" --batch-size "$FT_BATCH" \
@@ -113,6 +124,10 @@ replicate_cells() {  # replicate k, forwards, zero-shot's g values, the fine-tun
   done
 }
 
+if [[ -n $CARRY && ! -f $WORK/timeline.txt && -f $CARRY/timeline.txt ]]; then
+  $PY benchmarks/table1_carry.py unpack "$CARRY" "$WORK"
+  stamp "laid out from $CARRY: $(tr '\n' ' ' <"$CARRY/done.txt")"
+fi
 done_or data data
 done_or clip_train clip
 done_or base base
@@ -122,6 +137,7 @@ for k in $FT_SEEDS; do
   replicate_cells "$k" 16 "2 3 5" "1 2 3 5"
   for f in $ALSO_STEPS; do replicate_cells "$k" "$f" "$ALSO_G" "$ALSO_G"; done
   $PY benchmarks/table1_eval.py summary "$WORK"/cells/*.jsonl >"$WORK/table1.md"
+  touch "$WORK/.done_replicate_$k"
   stamp "replicate $k: done; $WORK/table1.md"
 done
 cat "$WORK/table1.md"
