@@ -58,6 +58,18 @@ def _pack_model(src: Path, dest: Path) -> None:
         (dest / "vqvae.from").write_text(VQVAE_SOURCE + "\n")
 
 
+def _copy_progress(src: Path, dst: Path, work: Path, relative: bool) -> None:
+    """progress.json names its data by absolute path (the trainer refuses other data): packed, a path
+    inside WORK is kept relative to it, and laid out again under the new WORK (its images made again there)."""
+    progress = json.loads(src.read_text())
+    data = Path(progress["data"])
+    if relative and data.is_relative_to(work):
+        progress["data"] = str(data.relative_to(work))
+    elif not relative and not data.is_absolute():
+        progress["data"] = str(work / data)  # as table1.sh spells "$WORK/placed"
+    dst.write_text(json.dumps(progress))
+
+
 def pack(work: Path, dest: Path) -> None:
     if not (work / "timeline.txt").is_file():
         sys.exit(f"{work}: no table1.sh run here (no timeline.txt)")
@@ -86,7 +98,7 @@ def pack(work: Path, dest: Path) -> None:
             for part in ("text_encoder", "tokenizer"):
                 shutil.copytree(stage / part, out / part)
             continue
-        shutil.copy2(stage / "progress.json", out)
+        _copy_progress(stage / "progress.json", out / "progress.json", work, relative=True)
         _pack_model(stage / "model", out / "model")
         print(f"{out}: its model at step {json.loads((out / 'progress.json').read_text())['step']}, fp16")
 
@@ -107,6 +119,8 @@ def unpack(dest: Path, work: Path) -> None:
             shutil.copy2(src, work / part)
     for stage in sorted(p for p in dest.iterdir() if p.is_dir() and p.name != "cells"):
         shutil.copytree(stage, work / stage.name)
+        if (stage / "progress.json").is_file():
+            _copy_progress(stage / "progress.json", work / stage.name / "progress.json", work, relative=False)
         link = work / stage.name / "model" / "vqvae.from"
         if link.is_file():
             shutil.copytree(ROOT / link.read_text().strip(), link.parent / "vqvae")

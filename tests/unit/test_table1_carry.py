@@ -58,11 +58,13 @@ def test_pack_keeps_what_the_run_cannot_make_again_and_unpack_lays_it_out(tmp_pa
     assert (dest / "ft_empty_s0" / "train.log").is_file() and not (dest / "ft_empty_s0" / "model").exists()
     assert not (dest / "clip_train" / "text_encoder").exists()  # the base has started from it
     assert (dest / "cells" / "base_g1_s0.jsonl").is_file()
+    assert json.loads((dest / "base" / "progress.json").read_text())["data"] == "placed"  # not this machine's path
 
     work = tmp_path / "again"
     carry.unpack(dest, work)
     assert sorted(p.name for p in work.glob(".done_*")) == [".done_clip_train"]
-    assert json.loads((work / "base" / "progress.json").read_text())["step"] == 25
+    progress = json.loads((work / "base" / "progress.json").read_text())
+    assert progress["step"] == 25 and progress["data"] == str(work / "placed")  # the new WORK's images
     laid = load_model(work / "base" / "model")
     for name, w in model.state_dict().items():  # fp16 on disk, fp32 again on load
         assert torch.equal(laid.state_dict()[name], w.half().float()), name
